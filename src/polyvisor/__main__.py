@@ -1,0 +1,5 @@
+"""``python -m polyvisor``."""
+
+from polyvisor.cli import main
+
+raise SystemExit(main())

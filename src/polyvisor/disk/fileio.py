@@ -1,0 +1,221 @@
+"""Positional file access with errors that name the file, the structure and the offset.
+
+:class:`ImageFile` wraps one OS file descriptor.  Sources are opened
+``O_RDONLY`` and can never be written.  :class:`OutputFiles` gives newly
+created images their crash safety: every file is written under a temporary
+name in the destination directory and renamed to its final name only once it
+is complete and flushed; an abandoned output leaves nothing under a final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+from pathlib import Path
+
+from polyvisor.errors import OperationFailed, ReadOnlyImage, TruncatedImage
+
+#: Bytes handed to a single ``pread``/``pwrite``; larger requests are split.
+IO_CHUNK = 16 << 20
+
+
+class ImageFile:
+    """One open file of an image, read and written by absolute offset."""
+
+    def __init__(self, path: Path, fd: int, *, writable: bool, display_path: Path | None = None) -> None:
+        self.path = path
+        #: The name shown in errors: the final name for files still under a temporary one.
+        self.display_path = display_path or path
+        self.fd = fd
+        self.writable = writable
+        self.closed = False
+
+    @classmethod
+    def open(cls, path: Path, *, writable: bool = False) -> ImageFile:
+        """Open an existing file (read-only unless *writable*)."""
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            raise OperationFailed(f"{path}: cannot open: {exc.strerror}") from exc
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            os.close(fd)
+            raise OperationFailed(f"{path}: not a regular file or block device")
+        return cls(path, fd, writable=writable)
+
+    @property
+    def size(self) -> int:
+        """Current length of the file in bytes."""
+        return os.fstat(self.fd).st_size
+
+    def allocated_bytes(self) -> int:
+        """Bytes the file occupies on disk (``st_blocks * 512``)."""
+        return os.fstat(self.fd).st_blocks * 512
+
+    def read(self, offset: int, length: int, structure: str) -> bytes:
+        """Read exactly *length* bytes at *offset*; a short read is a :class:`TruncatedImage`."""
+        if offset < 0 or length < 0:
+            raise TruncatedImage(self.display_path, f"negative position ({length} bytes)",
+                                 structure=structure, offset=offset)
+        if length == 0:
+            return b""
+        if length <= IO_CHUNK:
+            data = os.pread(self.fd, length, offset)
+        else:
+            buf = bytearray(length)
+            got = self.readinto(offset, memoryview(buf))
+            data = bytes(buf[:got])
+        if len(data) != length:
+            raise TruncatedImage(
+                self.display_path,
+                f"needs {length} bytes but the file ends after {len(data)}",
+                structure=structure,
+                offset=offset,
+            )
+        return data
+
+    def read_upto(self, offset: int, length: int) -> bytes:
+        """Read at most *length* bytes at *offset* (fewer at end of file)."""
+        if length <= 0 or offset < 0:
+            return b""
+        return os.pread(self.fd, length, offset)
+
+    def readinto(self, offset: int, buf: memoryview) -> int:
+        """Fill *buf* from *offset*; returns the bytes read (short only at end of file)."""
+        total = 0
+        view = buf.cast("B") if buf.format != "B" else buf
+        while total < len(view):
+            n = os.preadv(self.fd, [view[total : total + IO_CHUNK]], offset + total)
+            if n <= 0:
+                break
+            total += n
+        return total
+
+    def read_exact_into(self, offset: int, buf: memoryview, structure: str) -> None:
+        """Fill *buf* completely from *offset* or raise :class:`TruncatedImage`."""
+        got = self.readinto(offset, buf)
+        if got != len(buf):
+            raise TruncatedImage(
+                self.display_path,
+                f"needs {len(buf)} bytes but the file ends after {got}",
+                structure=structure,
+                offset=offset,
+            )
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write all of *data* at *offset*."""
+        if not self.writable:
+            raise ReadOnlyImage(self.display_path, "file is open read-only", offset=offset)
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            n = os.pwrite(self.fd, view[done : done + IO_CHUNK], offset + done)
+            if n <= 0:
+                raise OperationFailed(f"{self.display_path}: short write at offset {offset + done}")
+            done += n
+
+    def truncate(self, length: int) -> None:
+        """Set the file length (extending creates a hole)."""
+        if not self.writable:
+            raise ReadOnlyImage(self.display_path, "file is open read-only")
+        os.ftruncate(self.fd, length)
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """Deallocate a range so it reads as zeros, where the filesystem can."""
+        # Linux fallocate(PUNCH_HOLE|KEEP_SIZE) is not in the os module; writing
+        # zeros is the portable fallback and keeps the content right.
+        self.write(offset, bytes(length))
+
+    def seek_data(self, offset: int) -> int | None:
+        """Next offset >= *offset* holding data (SEEK_DATA), or None past the last data."""
+        try:
+            return os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError:
+            return None
+
+    def seek_hole(self, offset: int) -> int:
+        """Next hole at or after *offset* (SEEK_HOLE); end of file counts as a hole."""
+        try:
+            return os.lseek(self.fd, offset, os.SEEK_HOLE)
+        except OSError:
+            return self.size
+
+    def flush(self) -> None:
+        """Push written data to stable storage."""
+        if self.writable and not self.closed:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        """Close the descriptor (idempotent)."""
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+
+class OutputFiles:
+    """The files of an image being created, kept under temporary names until :meth:`commit`.
+
+    Files are renamed in the order they were added, so a format adds its data
+    files (extents) first and its descriptor last: a reader that finds the
+    descriptor under its final name always finds the extents it names.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[ImageFile, Path]] = []
+        self.done = False
+
+    def create(self, final: Path, *, exist_ok: bool = True) -> ImageFile:
+        """Create a new empty file that will become *final* on commit."""
+        final = Path(final)
+        directory = final.parent if str(final.parent) else Path(".")
+        if not directory.is_dir():
+            raise OperationFailed(f"{final}: directory {directory} does not exist")
+        if not exist_ok and final.exists():
+            raise OperationFailed(f"{final}: already exists")
+        tmp = directory / f".{final.name}.polyvisor-{secrets.token_hex(4)}.tmp"
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(tmp, flags, 0o644)
+        except OSError as exc:
+            raise OperationFailed(f"{final}: cannot create: {exc.strerror}") from exc
+        handle = ImageFile(tmp, fd, writable=True, display_path=final)
+        self._pending.append((handle, final))
+        return handle
+
+    @property
+    def files(self) -> list[ImageFile]:
+        """The files created so far, in commit order."""
+        return [handle for handle, _ in self._pending]
+
+    def commit(self) -> None:
+        """Flush every file, then rename each to its final name (data first, descriptor last)."""
+        if self.done:
+            return
+        for handle, _ in self._pending:
+            handle.flush()
+        for handle, final in self._pending:
+            handle.close()
+            os.replace(handle.path, final)
+            handle.path = final
+        dirs = {final.parent for _, final in self._pending}
+        for directory in dirs:
+            with contextlib.suppress(OSError):
+                dfd = os.open(directory or ".", os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        self.done = True
+
+    def abort(self) -> None:
+        """Close and delete every temporary file; nothing appears under a final name."""
+        if self.done:
+            return
+        for handle, _ in self._pending:
+            handle.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(handle.path)
+        self.done = True

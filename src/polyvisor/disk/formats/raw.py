@@ -1,0 +1,92 @@
+"""raw: the guest bytes, one for one, in a (usually sparse) file.
+
+There is no metadata, so a raw file is never probed: it is what a file is when
+no other format's probe claims it, or when ``-f raw`` says so.  Holes found
+with ``SEEK_DATA``/``SEEK_HOLE`` (lseek(2)) are reported as zero extents, so
+conversions skip them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Self
+
+from polyvisor.disk.check import CheckResult
+from polyvisor.disk.fileio import ImageFile, OutputFiles
+from polyvisor.disk.image import DiskImage, ExtentKind, ProbeSample, Run
+from polyvisor.disk.registry import register_format
+
+if TYPE_CHECKING:
+    from polyvisor.disk.registry import CreateOptions, Opener
+
+
+@register_format
+class RawImage(DiskImage):
+    """A raw disk image file (or block device)."""
+
+    format_name = "raw"
+
+    @classmethod
+    def probe(cls, sample: ProbeSample) -> int:
+        """Raw is the fallback, never a probe result."""
+        return 0
+
+    @classmethod
+    def open(cls, path: Path, *, writable: bool, opener: Opener) -> Self:
+        """Open a raw file; its size is the virtual size."""
+        file = ImageFile.open(path, writable=writable)
+        size = os.lseek(file.fd, 0, os.SEEK_END)
+        return cls(path, virtual_size=size, subformat="raw", files=[file], writable=writable)
+
+    @classmethod
+    def create(cls, path: Path, size: int, options: CreateOptions, opener: Opener,
+               backing: DiskImage | None) -> Self:
+        """A sparse file of *size* bytes."""
+        outputs = OutputFiles()
+        file = outputs.create(path)
+        file.truncate(size)
+        return cls(path, virtual_size=size, subformat="raw", files=[file], writable=True, outputs=outputs)
+
+    @property
+    def _file(self) -> ImageFile:
+        return self.files[0]
+
+    def _map(self, offset: int, length: int) -> Iterator[Run]:
+        end = offset + length
+        pos = offset
+        file_end = self._file.size
+        while pos < end:
+            if pos >= file_end:
+                yield Run(pos, end - pos, ExtentKind.ZERO)
+                return
+            data = self._file.seek_data(pos)
+            if data is None or data >= end:
+                yield Run(pos, end - pos, ExtentKind.ZERO)
+                return
+            if data > pos:
+                yield Run(pos, data - pos, ExtentKind.ZERO)
+                pos = data
+            hole = min(self._file.seek_hole(pos), end)
+            if hole <= pos:  # filesystems without SEEK_HOLE report the whole file as data
+                hole = end
+            yield Run(pos, hole - pos, ExtentKind.DATA, file=self._file, host_offset=pos)
+            pos = hole
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write guest bytes in place."""
+        self._check_write(offset, len(data))
+        self._file.write(offset, data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Zero a range; past the current end of a sparse file nothing needs writing."""
+        self._check_write(offset, length)
+        file_end = self._file.size
+        if offset >= file_end:
+            return
+        super().write_zeroes(offset, min(length, file_end - offset))
+
+    def check(self) -> CheckResult:
+        """Raw files have no metadata to be inconsistent."""
+        return CheckResult(filename=str(self.path), format=self.format_name)

@@ -1,0 +1,121 @@
+"""polyvisor's one exception tree.
+
+Every error polyvisor raises on purpose is a :class:`PolyvisorError`; anything
+else escaping the library is a bug.  The CLI prints ``str(error)`` on one line
+of stderr and exits non-zero.
+
+::
+
+    PolyvisorError
+    ├── UsageError                 bad arguments or options from the caller
+    │   └── UnsupportedOption      an option a format/codec does not accept
+    ├── ImageError                 a problem with one image file (names file, structure, offset)
+    │   ├── UnknownFormat          no format recognised / no such format name
+    │   ├── CorruptImage           the file breaks its format's rules
+    │   │   ├── TruncatedImage     a structure extends past the end of the file
+    │   │   ├── ChecksumMismatch   a stored checksum does not match the bytes
+    │   │   └── LimitExceeded      a field asks for more than polyvisor will allocate or follow
+    │   ├── UnsupportedFeature     valid for the format, not supported by polyvisor (e.g. encryption)
+    │   ├── ReadOnlyImage          a write to an image opened (or only openable) read-only
+    │   └── ReferenceError_        base for references from one file to another
+    │       ├── UnsafeReference    a backing/extent/parent path leaving the image's directory
+    │       ├── MissingReference   the referenced file does not exist
+    │       └── BackingChainError  loops or over-deep backing chains
+    └── OperationFailed            an operation ran but could not complete (I/O, compare of unequal sizes…)
+
+``ReferenceError_`` carries a trailing underscore so as not to shadow the
+builtin :class:`ReferenceError`.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class PolyvisorError(Exception):
+    """Root of every error polyvisor raises deliberately."""
+
+
+class UsageError(PolyvisorError):
+    """The caller asked for something malformed (bad size, unknown option value…)."""
+
+
+class UnsupportedOption(UsageError):
+    """An option the chosen format or codec does not accept."""
+
+
+class OperationFailed(PolyvisorError):
+    """An operation started but could not be completed."""
+
+
+class ImageError(PolyvisorError):
+    """A problem tied to one image file.
+
+    The message reads ``FILE: STRUCTURE at offset N: what is wrong`` so that a
+    user can find the bad bytes with a hex editor.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        message: str,
+        *,
+        structure: str | None = None,
+        offset: int | None = None,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.structure = structure
+        self.offset = offset
+        self.reason = message
+        where = self.path
+        if structure is not None:
+            where += f": {structure}"
+        if offset is not None:
+            where += f" at offset {offset}"
+            if offset > 0xFFFF:
+                where += f" ({offset:#x})"
+        super().__init__(f"{where}: {message}")
+
+
+class UnknownFormat(ImageError):
+    """The file matches no known format, or the format name is unknown."""
+
+
+class CorruptImage(ImageError):
+    """The file violates its format's specification."""
+
+
+class TruncatedImage(CorruptImage):
+    """A structure extends past the end of the file."""
+
+
+class ChecksumMismatch(CorruptImage):
+    """A stored checksum does not match the data it covers."""
+
+
+class LimitExceeded(CorruptImage):
+    """A field asks for more memory, depth or size than polyvisor allows."""
+
+
+class UnsupportedFeature(ImageError):
+    """A valid feature of the format that polyvisor does not implement."""
+
+
+class ReadOnlyImage(ImageError):
+    """A write was attempted on an image that is not writable."""
+
+
+class ReferenceError_(ImageError):  # noqa: N801 - trailing underscore avoids the builtin
+    """Base for problems following a reference from one image file to another."""
+
+
+class UnsafeReference(ReferenceError_):
+    """A referenced path leaves the image's own directory and the user did not allow it."""
+
+
+class MissingReference(ReferenceError_):
+    """A referenced file (backing file, extent, parent) does not exist."""
+
+
+class BackingChainError(ReferenceError_):
+    """A backing chain loops or is deeper than allowed."""
