@@ -19,7 +19,8 @@ from polyvisor.errors import BackingChainError, MissingReference, UnsafeReferenc
 #: Deepest backing chain polyvisor opens; deeper chains are refused as hostile.
 MAX_CHAIN_DEPTH = 128
 
-_PROTOCOL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]{1,15}:(?![\\/])")
+#: ``nbd:``, ``http://``, ``json:`` … (two or more letters, so ``C:`` drive letters are not protocols).
+_PROTOCOL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]{1,15}:")
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,10 @@ def windows_path_to_relative(reference: str) -> str:
     if "\\" not in reference and ":" not in reference:
         return reference
     win = PureWindowsPath(reference)
-    if win.drive or win.root:
-        return str(PurePosixPath("/", *win.parts))
-    return str(PurePosixPath(*win.parts))
+    rest = win.parts[1:] if win.anchor else win.parts
+    if win.anchor:
+        return str(PurePosixPath("/", *([win.drive] if win.drive else []), *rest))
+    return str(PurePosixPath(*rest))
 
 
 class ChainGuard:

@@ -1,0 +1,121 @@
+"""Every format to every format, checked by qemu-img; sparseness, compression, -B style backing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from polyvisor.disk import CreateOptions, ExtentKind, create_image, formats, open_image
+from polyvisor.disk.compare import compare
+from polyvisor.disk.convert import convert
+from polyvisor.errors import UnsupportedOption, UsageError
+from tests.patterns import apply_writes, reference_raw, scattered_writes
+from tests.peers import QEMU_CHECKS, VARIANTS, Variant, qemu_check, qemu_compare
+
+REGISTERED = [v for v in VARIANTS if v.format in formats()]
+SIZE = (6 << 20) + 7 * 512
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same patterned content in every registered variant, written by polyvisor."""
+    root = tmp_path_factory.mktemp("sources")
+    writes = scattered_writes(SIZE, seed=21)
+    out = {"reference": reference_raw(root / "reference.raw", SIZE, writes)}
+    for variant in REGISTERED:
+        folder = root / variant.id
+        folder.mkdir()
+        path = folder / f"source.{variant.format}"
+        with create_image(path, variant.format, SIZE, variant.create_options()) as image:
+            apply_writes(image, writes)
+        out[variant.id] = path
+    return out
+
+
+@pytest.mark.parametrize("target", REGISTERED, ids=lambda v: f"to-{v.id}")
+@pytest.mark.parametrize("source", REGISTERED, ids=lambda v: f"from-{v.id}")
+def test_any_to_any(source: Variant, target: Variant, sources: dict[str, Path], workdir: Path) -> None:
+    destination = workdir / f"out.{target.format}"
+    result = convert(sources[source.id], destination, target.format, target.create_options())
+    assert result.format == target.format
+    assert result.subformat == target.name
+    if target.format in QEMU_CHECKS:
+        qemu_check(destination, target.format)
+    qemu_compare(destination, target.format, sources["reference"], "raw")
+    assert compare(destination, sources["reference"], target.format, "raw").identical
+
+
+def test_zero_runs_are_not_written(workdir: Path) -> None:
+    """A 64 MiB source holding 1 MiB of data converts to a raw file holding only that 1 MiB."""
+    source = workdir / "mostly-zero.raw"
+    with open(source, "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(10 << 20)
+        f.write(os.urandom(1 << 20))
+        f.seek(20 << 20)
+        f.write(bytes(4 << 20))  # explicit zeros: data on disk, zeros to the guest
+    result = convert(source, workdir / "copy.raw", "raw")
+    assert result.data_bytes_written == 1 << 20
+    assert (workdir / "copy.raw").stat().st_blocks * 512 <= (1 << 20) + (64 << 10)
+    with open_image(workdir / "copy.raw") as copy:
+        data = [e for e in copy.extents() if e.kind is ExtentKind.DATA]
+    assert sum(e.length for e in data) == 1 << 20
+
+
+def test_sparse_terabyte_source_is_walked_not_read(workdir: Path) -> None:
+    source = workdir / "huge.raw"
+    with open(source, "wb") as f:
+        f.truncate(1 << 40)
+        f.seek((1 << 40) - 4096)
+        f.write(b"\x7f" * 4096)
+    result = convert(source, workdir / "huge-copy.raw", "raw")
+    assert result.data_bytes_read <= 1 << 20
+    assert compare(source, workdir / "huge-copy.raw").identical
+
+
+def test_convert_refuses_to_overwrite_its_source(workdir: Path) -> None:
+    source = workdir / "self.raw"
+    source.write_bytes(b"\x01" * 4096)
+    with pytest.raises(UsageError):
+        convert(source, source, "raw")
+    assert source.read_bytes() == b"\x01" * 4096
+
+
+def test_compression_refused_where_unsupported(workdir: Path) -> None:
+    source = workdir / "src.raw"
+    source.write_bytes(b"\x01" * 4096)
+    with pytest.raises(UnsupportedOption):
+        convert(source, workdir / "dst.raw", "raw", CreateOptions(compress=True))
+    assert sorted(p.name for p in workdir.iterdir()) == ["src.raw"]
+
+
+@pytest.mark.parametrize("fmt", [name for name, cls in formats().items() if cls.supports_compression])
+def test_compressed_output(fmt: str, sources: dict[str, Path], workdir: Path) -> None:
+    destination = workdir / f"compressed.{fmt}"
+    convert(sources["reference"], destination, fmt, CreateOptions(compress=True))
+    if fmt in QEMU_CHECKS:
+        qemu_check(destination, fmt)
+    qemu_compare(destination, fmt, sources["reference"], "raw")
+
+
+@pytest.mark.parametrize("fmt", [name for name, cls in formats().items() if cls.supports_backing])
+def test_convert_onto_a_backing_file_stores_only_differences(fmt: str, workdir: Path) -> None:
+    base_writes = scattered_writes(SIZE, seed=5)
+    base = reference_raw(workdir / "base.raw", SIZE, base_writes)
+    base_fmt = "vmdk" if fmt == "vmdk" else "raw"
+    if base_fmt != "raw":
+        convert(base, workdir / f"base.{base_fmt}", base_fmt)
+    top_writes = [*base_writes[:3], (4096, b"\x00" * 4096), (SIZE - 512, b"\x44" * 512)]
+    wanted = reference_raw(workdir / "wanted.raw", SIZE, top_writes, base=base)
+    options = CreateOptions(backing_file=f"base.{base_fmt}", backing_fmt=base_fmt)
+    result = convert(wanted, workdir / f"top.{fmt}", fmt, options)
+    assert result.data_bytes_written < SIZE // 4
+    with open_image(workdir / f"top.{fmt}") as top:
+        assert top.backing is not None
+        assert top.read(0, SIZE) == wanted.read_bytes()
+    if fmt in QEMU_CHECKS:
+        qemu_check(workdir / f"top.{fmt}", fmt)
+    if fmt in ("qcow2", "vmdk"):  # qemu opens backing files only for these
+        qemu_compare(workdir / f"top.{fmt}", fmt, wanted, "raw")
