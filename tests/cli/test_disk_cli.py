@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from polyvisor.cli import main
-from polyvisor.disk import formats
+from polyvisor.disk import registered_formats
 from tests.peers import VARIANTS, Variant, qemu_compare
 
-REGISTERED = [v for v in VARIANTS if v.format in formats()]
+REGISTERED = [v for v in VARIANTS if v.format in registered_formats()]
 
 
 def polyvisor(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from polyvisor.disk import CreateOptions, create_image, formats, get_format, open_image, probe_format
+from polyvisor.disk import CreateOptions, create_image, get_format, open_image, probe_format, registered_formats
 from polyvisor.errors import PolyvisorError, ReadOnlyImage, UnsupportedFeature, UnsupportedOption
 from tests.patterns import apply_writes, qemu_io_commands, reference_raw, scattered_writes
 from tests.peers import (
@@ -29,7 +29,7 @@ from tests.peers import (
     qemu_to_raw,
 )
 
-REGISTERED = [v for v in VARIANTS if v.format in formats()]
+REGISTERED = [v for v in VARIANTS if v.format in registered_formats()]
 IDS = [v.id for v in REGISTERED]
 
 #: Not a multiple of any cluster, grain or block size (but of the 512-byte sector).
@@ -49,7 +49,7 @@ def read_all(path: Path, fmt: str | None = None, chunk: int = 4 << 20) -> bytes:
 
 def test_every_registered_subformat_has_a_variant() -> None:
     covered = {(v.format, v.name) for v in VARIANTS}
-    for name, cls in formats().items():
+    for name, cls in registered_formats().items():
         for sub in cls.subformats or (name,):
             assert (name, sub) in covered or name == "qcow2", f"{name}/{sub} missing from tests.peers.VARIANTS"
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from polyvisor.disk import CreateOptions, ExtentKind, create_image, formats, open_image
+from polyvisor.disk import CreateOptions, ExtentKind, create_image, open_image, registered_formats
 from polyvisor.disk.compare import compare
 from polyvisor.disk.convert import convert
 from polyvisor.errors import UnsupportedOption, UsageError
 from tests.patterns import apply_writes, reference_raw, scattered_writes
 from tests.peers import QEMU_CHECKS, VARIANTS, Variant, qemu_check, qemu_compare
 
-REGISTERED = [v for v in VARIANTS if v.format in formats()]
+REGISTERED = [v for v in VARIANTS if v.format in registered_formats()]
 SIZE = (6 << 20) + 7 * 512
 
 
@@ -91,7 +91,7 @@ def test_compression_refused_where_unsupported(workdir: Path) -> None:
     assert sorted(p.name for p in workdir.iterdir()) == ["src.raw"]
 
 
-@pytest.mark.parametrize("fmt", [name for name, cls in formats().items() if cls.supports_compression])
+@pytest.mark.parametrize("fmt", [name for name, cls in registered_formats().items() if cls.supports_compression])
 def test_compressed_output(fmt: str, sources: dict[str, Path], workdir: Path) -> None:
     destination = workdir / f"compressed.{fmt}"
     convert(sources["reference"], destination, fmt, CreateOptions(compress=True))
@@ -100,7 +100,7 @@ def test_compressed_output(fmt: str, sources: dict[str, Path], workdir: Path) ->
     qemu_compare(destination, fmt, sources["reference"], "raw")
 
 
-@pytest.mark.parametrize("fmt", [name for name, cls in formats().items() if cls.supports_backing])
+@pytest.mark.parametrize("fmt", [name for name, cls in registered_formats().items() if cls.supports_backing])
 def test_convert_onto_a_backing_file_stores_only_differences(fmt: str, workdir: Path) -> None:
     base_writes = scattered_writes(SIZE, seed=5)
     base = reference_raw(workdir / "base.raw", SIZE, base_writes)

@@ -11,12 +11,12 @@ from polyvisor.disk.paths import DEFAULT_POLICY, ReferencePolicy
 from polyvisor.disk.registry import (
     CreateOptions,
     create_image,
-    formats,
     get_format,
     open_image,
     parse_size,
     probe_format,
     register_format,
+    registered_formats,
 )
 
 __all__ = [
@@ -32,10 +32,10 @@ __all__ = [
     "ReferencePolicy",
     "check_image",
     "create_image",
-    "formats",
     "get_format",
     "open_image",
     "parse_size",
     "probe_format",
     "register_format",
+    "registered_formats",
 ]

@@ -55,7 +55,7 @@ def _load_formats() -> None:
     _loaded = True
 
 
-def formats() -> dict[str, type[DiskImage]]:
+def registered_formats() -> dict[str, type[DiskImage]]:
     """Every registered format by name, in a stable order (raw first, then alphabetical)."""
     _load_formats()
     return dict(sorted(_FORMATS.items(), key=lambda item: (item[0] != "raw", item[0])))
@@ -68,7 +68,7 @@ def get_format(name: str) -> type[DiskImage]:
     try:
         return _FORMATS[key]
     except KeyError:
-        known = ", ".join(formats())
+        known = ", ".join(registered_formats())
         raise UnknownFormat(name, f"unknown disk format (known: {known})") from None
 
 
@@ -91,7 +91,7 @@ def probe_format(path: Path) -> str:
     finally:
         file.close()
     best, best_score = "raw", 0
-    for name, cls in formats().items():
+    for name, cls in registered_formats().items():
         if name == "raw":
             continue
         score = cls.probe(sample)
