@@ -7,8 +7,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from polyvisor.demo.disk_demo import run_demo
-
 
 def register(commands: Any) -> None:
     """Add ``demo`` to the top-level parser."""
@@ -23,6 +21,8 @@ def register(commands: Any) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo; exit 0 when every step verified."""
+    from polyvisor.demo.disk_demo import run_demo  # its imports are only needed here
+
     if args.workdir is not None:
         return 0 if run_demo(args.workdir, boot=not args.no_boot).ok else 1
     with tempfile.TemporaryDirectory(prefix="polyvisor-demo-") as tmp:
