@@ -1,0 +1,1 @@
+"""Fuzzing polyvisor's disk format parsers (see fuzz/run.py)."""
