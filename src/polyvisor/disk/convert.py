@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from polyvisor.disk.image import DiskImage, ExtentKind, is_zero
-from polyvisor.disk.paths import DEFAULT_POLICY, ReferencePolicy
+from polyvisor.disk.paths import DEFAULT_POLICY, ReferencePolicy, real_path
 from polyvisor.disk.registry import CreateOptions, create_image, open_image
 from polyvisor.errors import UsageError
 
@@ -75,10 +75,10 @@ def convert(
 
 
 def _refuse_overwriting_the_source(src: DiskImage, destination: Path) -> None:
-    target = destination.resolve()
+    target = real_path(destination)
     for layer in src.chain():
         for file in layer.files:
-            if Path(file.path).resolve() == target:
+            if real_path(Path(file.path)) == target:
                 raise UsageError(f"{destination}: is the source image (or one of its files); choose another name")
 
 

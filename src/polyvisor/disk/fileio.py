@@ -35,7 +35,8 @@ class ImageFile:
     @classmethod
     def open(cls, path: Path, *, writable: bool = False) -> ImageFile:
         """Open an existing file (read-only unless *writable*)."""
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
+        # O_NONBLOCK so that a FIFO named as an image cannot block the open; cleared once the type is known.
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
         try:
             fd = os.open(path, flags)
         except OSError as exc:
@@ -44,6 +45,7 @@ class ImageFile:
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
             os.close(fd)
             raise OperationFailed(f"{path}: not a regular file or block device")
+        os.set_blocking(fd, True)
         return cls(path, fd, writable=writable)
 
     @property

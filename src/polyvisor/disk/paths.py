@@ -40,11 +40,16 @@ class ReferencePolicy:
         """Whether the resolved *target* may be opened from an image living in *home*."""
         if self.allow_anywhere:
             return True
-        roots = [home.resolve(), *(d.resolve() for d in self.allowed_dirs)]
+        roots = [real_path(home), *(real_path(d) for d in self.allowed_dirs)]
         return any(target == root or root in target.parents for root in roots)
 
 
 DEFAULT_POLICY = ReferencePolicy()
+
+
+def real_path(path: Path) -> Path:
+    """The canonical path, symlinks followed; never raises (a symlink loop stays unresolved)."""
+    return Path(os.path.realpath(path))
 
 
 def resolve_reference(
@@ -73,11 +78,11 @@ def resolve_reference(
     candidate = Path(reference)
     if not candidate.is_absolute():
         candidate = home / candidate
-    target = candidate.resolve()
+    target = real_path(candidate)
     if not policy.permits(target, home):
         raise UnsafeReference(
             image_path,
-            f"{what} {reference!r} resolves to {target}, outside the image's directory {home.resolve()}; "
+            f"{what} {reference!r} resolves to {target}, outside the image's directory {real_path(home)}; "
             "allow it explicitly to follow it",
             structure=what,
         )
@@ -112,7 +117,7 @@ class ChainGuard:
 
     def enter(self, path: Path) -> None:
         """Record that *path* is being opened as the next, deeper layer."""
-        real = Path(path).resolve()
+        real = real_path(Path(path))
         if real in self.seen:
             chain = " -> ".join(str(p) for p in [*self.seen, real])
             raise BackingChainError(path, f"backing chain loops: {chain}", structure="backing chain")
