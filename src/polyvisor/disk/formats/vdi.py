@@ -471,6 +471,7 @@ class VdiImage(DiskImage):
 
     def check(self) -> CheckResult:
         """Header sanity, the block map against the allocation count and the file, shared and leaked blocks."""
+        self._write_metadata()  # a writable image is checked as it will be on disk
         header = self._header
         result = CheckResult(filename=str(self.path), format=self.format_name)
         v1 = self._parsed.version == VERSION_1_1
