@@ -690,6 +690,21 @@ def test_unreferenced_block_is_a_leak_and_a_count_mismatch(workdir: Path) -> Non
     assert block_map(path)[3] == 3
 
 
+@pytest.mark.parametrize("bitmap_chunk", [1, 1 << 20])
+def test_leaked_blocks_are_named(bitmap_chunk: int, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vdi, "_BITMAP_CHUNK", bitmap_chunk)
+    path = workdir / "disk.vdi"
+    with create_image(path, "vdi", 20 * MIB) as image:
+        for block in range(20):
+            image.write(block * MIB, b"d")
+    for block in (3, 9, 17):
+        set_entry(path, block, FREE)
+    result = check_image(path)
+    leaked = [p.message for p in result.problems if p.kind.value == "leak"]
+    assert leaked == [f"data block {n} is allocated but no block uses it" for n in (3, 9, 17)]
+    assert result.allocated_units == 17
+
+
 def test_trailing_bytes_are_a_leak(workdir: Path) -> None:
     path = qemu_image(workdir)
     with open(path, "ab") as f:

@@ -19,7 +19,7 @@ next 1 MiB boundary after the map, legacy and LCHS geometry left
 ``uuidCreate`` and ``uuidModify``.
 
 The block map is paged: at most :data:`MAP_CACHE_PAGES` pages of
-:data:`MAP_PAGE_ENTRIES` entries are in memory at once (64 MiB), so a
+:data:`MAP_PAGE_ENTRIES` entries are in memory at once (32 MiB), so a
 512 TiB image (a 2 GiB map) is handled in bounded memory.  Changed pages and
 the header are written on flush and close.
 """
@@ -72,8 +72,8 @@ if TYPE_CHECKING:
 
 #: Block map entries per page of the in-memory cache (256 KiB, 64 GiB of disk at 1 MiB blocks).
 MAP_PAGE_ENTRIES = 1 << 16
-#: Pages of the block map kept in memory at most (64 MiB).
-MAP_CACHE_PAGES = 256
+#: Pages of the block map kept in memory at most (32 MiB, the whole map of an 8 TiB disk).
+MAP_CACHE_PAGES = 128
 #: Entries compared at once when skipping runs of FREE or ZERO entries.
 _SCAN_CHUNK = 4096
 #: Entries written at once when creating the block map.
@@ -83,6 +83,8 @@ _TYPECODE = "I" if array("I").itemsize == 4 else "L"
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
 _SAME = {value: array(_TYPECODE, [value]) * _SCAN_CHUNK for value in (BLOCK_FREE, BLOCK_ZERO)}
 _ZERO_CHUNK = bytes(1 << 20)
+#: Bitmap bytes searched at once for data blocks no entry uses.
+_BITMAP_CHUNK = 1 << 20
 #: ``bytes.translate`` table marking the bytes of a bitmap that have a clear bit.
 _HAS_UNUSED_BIT = bytes(0 if value == 0xFF else 1 for value in range(256))
 
@@ -492,14 +494,17 @@ class VdiImage(DiskImage):
         if referenced != allocated:
             result.corruption("VDI header", f"{allocated} blocks recorded as allocated, but the block map "
                               f"references {referenced}")
-        gaps = seen.translate(_HAS_UNUSED_BIT)
-        byte = gaps.find(1)
-        while byte >= 0 and byte * 8 < allocated:
-            for index in range(byte * 8, min(byte * 8 + 8, allocated)):
-                if not seen[byte] & (1 << (index & 7)):
-                    result.leak("VDI data", f"data block {index} is allocated but no block uses it",
-                                self._data_offset(index))
-            byte = gaps.find(1, byte + 1)
+        used_bytes = -(-allocated // 8)
+        for chunk_start in range(0, used_bytes, _BITMAP_CHUNK):
+            gaps = seen[chunk_start : min(used_bytes, chunk_start + _BITMAP_CHUNK)].translate(_HAS_UNUSED_BIT)
+            found = gaps.find(1)
+            while found >= 0:
+                byte = chunk_start + found
+                for index in range(byte * 8, min(byte * 8 + 8, allocated)):
+                    if not seen[byte] & (1 << (index & 7)):
+                        result.leak("VDI data", f"data block {index} is allocated but no block uses it",
+                                    self._data_offset(index))
+                found = gaps.find(1, found + 1)
         data_end = header.off_data + allocated * self._stride
         file_size = self._file.size
         if file_size < data_end:
