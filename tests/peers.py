@@ -7,8 +7,10 @@ that needs it with a clear message; it is never silently skipped.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +61,21 @@ VARIANTS = [
 
 #: Formats whose qemu driver implements ``qemu-img check``.
 QEMU_CHECKS = {"qcow2", "vmdk", "vhdx", "vdi"}
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def polyvisor_env() -> dict[str, str]:
+    """Environment for a subprocess running this checkout's polyvisor (not whatever the venv installed)."""
+    paths = [str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
+def polyvisor_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m polyvisor ARGS`` in a separate process, as a user would."""
+    return subprocess.run([sys.executable, "-m", "polyvisor", *args], capture_output=True, text=True,
+                          cwd=cwd, env=polyvisor_env(), check=False, timeout=timeout)
 
 
 def require(tool: str) -> str:

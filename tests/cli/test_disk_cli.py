@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from polyvisor.cli import main
 from polyvisor.disk import registered_formats
-from tests.peers import VARIANTS, Variant, qemu_compare
+from tests.peers import VARIANTS, Variant, polyvisor_cli, qemu_compare
 
 REGISTERED = [v for v in VARIANTS if v.format in registered_formats()]
 
 
-def polyvisor(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run the CLI in a separate process, as a user would."""
-    return subprocess.run([sys.executable, "-m", "polyvisor", *args], capture_output=True, text=True,
-                          cwd=cwd, check=False, timeout=300)
+polyvisor = polyvisor_cli
 
 
 def test_create_info_map_check_compare_convert_raw(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from polyvisor.disk import registered_formats
-from tests.peers import VARIANTS, Variant
+from tests.peers import VARIANTS, Variant, polyvisor_env
 
 REGISTERED = [v for v in VARIANTS if v.format in registered_formats()]
 SOURCE_SIZE = 192 << 20
@@ -66,7 +66,7 @@ def test_sigkill_during_convert(variant: Variant, source: tuple[Path, str], tmp_
         options = ",".join(f"{k}={v}" for k, v in variant.options.items())
         argv = [sys.executable, "-m", "polyvisor", "disk", "convert", "-O", variant.format,
                 *(["-o", options] if options else []), str(source_path), str(destination)]
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=polyvisor_env())
         deadline = time.monotonic() + 120
         while proc.poll() is None and not reached(folder) and time.monotonic() < deadline:
             time.sleep(0.001)

@@ -38,17 +38,20 @@ class Case:
     format: str
     build: Callable[[Path], Path]  #: writes the files into a folder, returns the image to open
     what: str
+    #: "read": reading must fail.  "write": the bytes read are well defined (qemu reads them too), but
+    #: opening the image writable must be refused, since a write would land on other data.
+    refused: str = "read"
 
 
 CASES: list[Case] = []
 
 
-def case(fmt: str, what: str) -> Callable[[Callable[[Path], Path]], Callable[[Path], Path]]:
+def case(fmt: str, what: str, *, refused: str = "read") -> Callable[[Callable[[Path], Path]], Callable[[Path], Path]]:
     """Register a builder as a corpus case."""
 
     def register(build: Callable[[Path], Path]) -> Callable[[Path], Path]:
         name = build.__name__.lstrip("_").removeprefix(f"{fmt}_")
-        CASES.append(Case(f"{fmt}-{name}", fmt, build, what))
+        CASES.append(Case(f"{fmt}-{name}", fmt, build, what, refused))
         return build
 
     return register
@@ -823,7 +826,7 @@ def _vdi_entry_past_eof(folder: Path) -> Path:
     return path
 
 
-@case("vdi", "two block map entries sharing one data block")
+@case("vdi", "two block map entries sharing one data block", refused="write")
 def _vdi_duplicate_entries(folder: Path) -> Path:
     path = made_by_qemu(folder, "disk.vdi", "vdi")
     (blocks_offset,) = struct.unpack("<I", read_at(path, 340, 4))

@@ -1,6 +1,6 @@
 """Run one hostile case in a fresh process with a hard memory limit; print what happened as JSON.
 
-``python -m tests.hostile.probe FORMAT IMAGE`` exits 0 and prints
+``python -m tests.hostile.probe FORMAT IMAGE [read|write]`` exits 0 and prints
 ``{"error": class name or null, "message": ..., "seconds": ..., "peak_bytes": ...,
 "check": {...}}``.  An exception that is not a PolyvisorError is not caught:
 it ends the process with a traceback, which the test reports.
@@ -23,8 +23,8 @@ ADDRESS_SPACE = 1 << 30
 READ_BUDGET = 64 << 20
 
 
-def exercise(path: Path, fmt: str) -> None:
-    """Open, map, read what is mapped (bounded), describe."""
+def exercise(path: Path, fmt: str, mode: str) -> None:
+    """Open, map, read what is mapped (bounded), describe; in "write" mode then open writable."""
     with open_image(path, fmt) as image:
         budget = READ_BUDGET
         for ext in image.map():
@@ -33,16 +33,19 @@ def exercise(path: Path, fmt: str) -> None:
                 image.read(ext.offset, length)
                 budget -= length
         image.info()
+    if mode == "write":
+        open_image(path, fmt, writable=True).abort()
 
 
 def main() -> int:
     fmt, path = sys.argv[1], Path(sys.argv[2])
+    mode = sys.argv[3] if len(sys.argv) > 3 else "read"
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
     tracemalloc.start()
     started = time.monotonic()
     error: PolyvisorError | None = None
     try:
-        exercise(path, fmt)
+        exercise(path, fmt, mode)
     except PolyvisorError as exc:
         error = exc
     seconds = time.monotonic() - started

@@ -11,6 +11,7 @@ import pytest
 
 from polyvisor.disk import registered_formats
 from tests.hostile.corpus import CASES, Case
+from tests.peers import polyvisor_cli, polyvisor_env
 
 REPO = Path(__file__).resolve().parents[2]
 #: Python allocations one case may make (the probe's address space is capped at 1 GiB as well).
@@ -27,8 +28,9 @@ def test_corpus_is_large_and_covers_every_format() -> None:
 def test_hostile_image(case: Case, tmp_path: Path) -> None:
     image = case.build(tmp_path)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink()}
-    probe = subprocess.run([sys.executable, "-m", "tests.hostile.probe", case.format, str(image)],
-                           capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
+    probe = subprocess.run([sys.executable, "-m", "tests.hostile.probe", case.format, str(image),
+                            case.refused],
+                           capture_output=True, text=True, cwd=REPO, env=polyvisor_env(), timeout=60, check=False)
     assert probe.returncode == 0, f"{case.what}: escaped as a non-Polyvisor error:\n{probe.stderr[-3000:]}"
     outcome = json.loads(probe.stdout)
     assert outcome["error"] is not None, f"{case.what}: opened and read without complaint"
@@ -40,8 +42,11 @@ def test_hostile_image(case: Case, tmp_path: Path) -> None:
     after = {p: p.read_bytes() for p in before}
     assert after == before, "a hostile source was modified"
 
-    cli = subprocess.run([sys.executable, "-m", "polyvisor", "disk", "info", "-f", case.format, str(image)],
-                         capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
-    assert cli.returncode == 1
+    if case.refused == "write":
+        return
+    out = tmp_path / "converted.raw"
+    cli = polyvisor_cli("disk", "convert", "-f", case.format, "-O", "raw", str(image), str(out), cwd=REPO, timeout=60)
+    assert cli.returncode == 1, cli.stdout
     assert cli.stderr.count("\n") == 1, cli.stderr
     assert "Traceback" not in cli.stderr
+    assert not out.exists()
