@@ -50,9 +50,9 @@ Parents
     must equal the header's parent unique id.
 
 Limits
-    Dynamic and differencing disks up to 2040 GiB (Hyper-V's limit; the BAT
-    holds 32-bit sector offsets).  qemu 7.2 opens only up to 65535 x 255 x 255
-    sectors (about 2032 GiB).
+    Disks up to 2040 GiB, Hyper-V's and qemu's limit (a BAT holds 32-bit
+    sector offsets, so a dynamic disk's file cannot pass 2 TiB).  Fixed disks
+    have no BAT: larger ones (Azure data disks) are read, but not created.
 """
 
 from __future__ import annotations
@@ -864,6 +864,7 @@ class VhdImage(DiskImage):
                                  f"({self._file.size} bytes); refusing to write",
                                  structure="VHD block allocation table", offset=layout.bat_offset)
         self._data_end = end
+        self._footer_dirty = self.footer_note is not None  # a damaged end footer is rewritten from the copy
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Store guest bytes: in place for fixed disks, block by block for dynamic and differencing ones."""
