@@ -126,8 +126,8 @@ def poke(path: Path, offset: int, data: bytes) -> None:
 def set_locators(path: Path, locators: list[tuple[bytes, bytes]], parent_name: str | None = None) -> None:
     """Rewrite a polyvisor differencing disk's locators (each data area is at most 512 bytes here)."""
     header, _ = header_of(path)
-    entries = [LOCATOR.unpack(header.parent_locators, i * LOCATOR.size) for i in range(2)]
-    areas = [e.data_offset for e in entries]
+    first_area = header.table_offset + -(-4 * header.max_table_entries // 512) * 512  # polyvisor's layout
+    areas = [first_area, first_area + 512]
     raw = b""
     for (code, data), area in zip(locators, areas, strict=False):
         assert len(data) <= 512
@@ -190,6 +190,27 @@ def test_qemu_images_read_identically(subformat: str, force_size: bool, workdir:
     assert info["creator_application"] == ("qem2" if force_size else "qemu")
     assert info["size_source"] == ("current_size" if force_size else "chs")
     assert info["disk_type"] == subformat
+
+
+def test_qemu_image_reopened_writable(workdir: Path) -> None:
+    """polyvisor appends blocks to a qemu-made dynamic disk; qemu reads the result."""
+    image = workdir / "q.vhd"
+    size = 64 * MIB
+    qemu_create(image, "vhd", size, "subformat=dynamic,force_size=on")
+    qemu_io(image, "vhd", *qemu_io_commands(size, seed=8, count=6))
+    before = qemu_to_raw(image, "vhd", workdir / "before.raw")
+    writes = scattered_writes(size, seed=6, count=10)
+    with open_image(image, writable=True) as opened:
+        apply_writes(opened, writes)
+        opened.flush()
+        free = next(e for e in opened.extents() if e.kind is ExtentKind.UNALLOCATED)
+        late = (free.offset + 100, b"\x01" * 100)
+        opened.write(*late)  # a block allocated after a flush wrote the footer
+    writes.append(late)
+    reference = reference_raw(workdir / "ref.raw", size, writes, base=before)
+    qemu_compare(image, "vhd", reference, "raw")
+    assert check_image(image).clean
+    assert image.read_bytes()[:512] == image.read_bytes()[-512:]
 
 
 def test_qemu_convert_large_sparse_dynamic(workdir: Path) -> None:
@@ -476,6 +497,11 @@ def test_locator_legacy_and_macx(workdir: Path) -> None:
     assert read_all(child) == expected
     set_locators(child, [(b"MacX", f"file://{(workdir / 'base.vhd').resolve()}".encode())], parent_name="")
     assert read_all(child) == expected
+    # a Mac OS alias cannot be followed, but it is no corruption either
+    set_locators(child, [(b"Mac ", b"\0\x01alias-record"), (b"W2ru", utf16(".\\base.vhd"))], parent_name="")
+    assert read_all(child) == expected
+    assert check_image(child).clean
+    assert "Mac OS alias" in details(child)["parent"]["locators"][0]["note"]
 
 
 def test_locator_escaping_the_directory_is_refused(workdir: Path) -> None:
@@ -537,7 +563,7 @@ def test_damaged_end_footer_uses_the_copy(workdir: Path) -> None:
     poke(image, size - 512 + 40, b"\x99")  # breaks the end footer's checksum only
     with open_image(image) as opened:
         assert opened.read(0, opened.virtual_size) == expected
-        assert "copy at offset 0" in opened.info().details["footer"]
+        assert "copy at offset 0" in opened.info().details["footer_source"]
         result = opened.check()
     assert result.corruptions == 1
     assert result.problems[0].offset == size - 512
@@ -545,7 +571,7 @@ def test_damaged_end_footer_uses_the_copy(workdir: Path) -> None:
     with open_image(image, writable=True) as opened:
         opened.write(MIB * 3, b"\x33" * 512)
     with open_image(image) as opened:
-        assert opened.info().details["footer"] == "at the end of the file"
+        assert opened.info().details["footer_source"] == "the footer at the end of the file"
         assert opened.check().clean
     qemu_io(image, "vhd", f"read -P 0x33 {3 * MIB} 512", writable=False)
 
@@ -697,6 +723,12 @@ def test_check_finds_damage(workdir: Path) -> None:
     result = check_image(image)
     assert (result.corruptions, result.leaks) == (0, 1)
     assert "beyond the disk's 1 blocks" in result.problems[0].message
+    # a BAT too small for the disk cannot be opened; check says why instead of failing
+    image.write_bytes(good)
+    patch_header(image, max_table_entries=1)
+    result = check_image(image)
+    assert result.corruptions == 1
+    assert "the BAT has 1 entries" in result.problems[0].message
     # a misaligned BAT offset
     image.write_bytes(good)
     patch_header(image, table_offset=header.table_offset + 4, max_table_entries=1)

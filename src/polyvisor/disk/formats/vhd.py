@@ -250,7 +250,8 @@ class Locator:
     index: int
     entry: ParentLocator
     path: str | None = None
-    problem: str | None = None
+    problem: str | None = None  #: the entry or its data is damaged (check reports it)
+    note: str | None = None  #: valid, but not a path polyvisor can follow
 
     @property
     def platform(self) -> str:
@@ -552,7 +553,7 @@ class VhdImage(DiskImage):
                 locator.problem = f"data at {entry.data_offset} ({entry.data_length} bytes) ends past the end of file"
                 continue
             if entry.platform_code == PLATFORM_MAC:
-                locator.problem = "a Mac OS alias cannot be followed"
+                locator.note = "a Mac OS alias, which polyvisor cannot follow"
                 continue
             data = file.read(entry.data_offset, entry.data_length, "VHD parent locator data")
             try:
@@ -563,7 +564,7 @@ class VhdImage(DiskImage):
                 elif entry.platform_code == PLATFORM_MACX:
                     locator.path = _file_url_path(data.decode("utf-8").split("\0", 1)[0])
                 else:
-                    locator.problem = "unknown platform code"
+                    locator.note = "unknown platform code"
             except UnicodeDecodeError as exc:
                 locator.problem = f"path is not valid text: {exc.reason}"
             if locator.path == "":
@@ -1089,7 +1090,7 @@ class VhdImage(DiskImage):
             "unique_id": uuid_text(footer.unique_id),
             "timestamp": vhd_time_text(footer.timestamp),
             "saved_state": bool(footer.saved_state),
-            "footer": self.footer_note or "at the end of the file",
+            "footer_source": self.footer_note or "the footer at the end of the file",
         }
         layout = self.layout
         if layout is not None:
@@ -1102,7 +1103,8 @@ class VhdImage(DiskImage):
                 "timestamp": vhd_time_text(layout.header.parent_timestamp),
                 "unicode_name": self.parent_name(),
                 "locators": [
-                    {"platform": loc.platform, "path": loc.path, **({"problem": loc.problem} if loc.problem else {})}
+                    {"platform": loc.platform, "path": loc.path,
+                     **({"problem": loc.problem} if loc.problem else {}), **({"note": loc.note} if loc.note else {})}
                     for loc in layout.locators
                 ],
                 "reference": self.backing_reference,
