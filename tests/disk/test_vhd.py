@@ -363,6 +363,48 @@ def test_virtual_size_by_creator(creator: bytes, geometry: str, source: str, qem
     assert info["current_size"] == NON_CHS_SIZE
 
 
+def build_hyperv_like(path: Path, size: int, blocks: dict[int, bytes], *, block_size: int = 2 * MIB) -> None:
+    """A dynamic VHD laid out as Hyper-V does: creator 'win ', exact current_size with the spec's (rounded-down)
+    geometry, the BAT at 0x2000 after padding, blocks after the BAT padded to 4 KiB."""
+    entries = -(-size // block_size)
+    cylinders, heads, sectors = chs_geometry(size // 512)
+    footer = Footer(b"conectix", 2, 0x00010000, 512, 0x2D5A1234, b"win ", 0x000A0000, b"Wi2k", size, size,
+                    cylinders, heads, sectors, 3, 0, os.urandom(16), 0, bytes(427))
+    footer_raw = with_checksum(FOOTER.pack(footer), FOOTER_CHECKSUM_AT)
+    bat_offset = 0x2000
+    data_start = bat_offset + -(-4 * entries // 4096) * 4096
+    bat = bytearray(b"\xff" * (4 * entries))
+    bitmap_size = -(-(block_size // 512) // 8 // 512) * 512
+    body = bytearray()
+    for index, data in sorted(blocks.items()):
+        offset = data_start + len(body)
+        bat[4 * index : 4 * index + 4] = (offset // 512).to_bytes(4, "big")
+        body += b"\xff" * bitmap_size + data + bytes(block_size - len(data))
+    header = DynamicHeader(b"cxsparse", 0xFFFFFFFFFFFFFFFF, bat_offset, 0x00010000, entries, block_size, 0,
+                           bytes(16), 0, 0, bytes(512), bytes(192), bytes(256))
+    header_raw = with_checksum(HEADER.pack(header), HEADER_CHECKSUM_AT)
+    image = bytearray(data_start)
+    image[:512] = footer_raw
+    image[512:1536] = header_raw
+    image[bat_offset : bat_offset + len(bat)] = bat
+    path.write_bytes(bytes(image) + bytes(body) + footer_raw)
+
+
+def test_hyperv_layout(workdir: Path) -> None:
+    image = workdir / "hv.vhd"
+    build_hyperv_like(image, NON_CHS_SIZE, {1: b"\x5a" * 4096})
+    expected = bytearray(NON_CHS_SIZE)
+    expected[2 * MIB : 2 * MIB + 4096] = b"\x5a" * 4096
+    assert read_all(image) == bytes(expected)
+    assert qemu_to_raw(image, "vhd", workdir / "hv.raw").read_bytes() == bytes(expected)
+    info = details(image)
+    assert (info["creator_application"], info["creator_version"], info["size_source"]) == ("win ", "10.0",
+                                                                                             "current_size")
+    result = check_image(image)
+    assert result.clean, result.problems  # padding among the metadata is not a leak
+    assert (result.allocated_units, result.total_units) == (1, 2)
+
+
 def test_info_json_from_the_cli(workdir: Path) -> None:
     image = workdir / "d.vhd"
     qemu_create(image, "vhd", NON_CHS_SIZE, "subformat=dynamic")
@@ -715,7 +757,7 @@ def test_check_finds_damage(workdir: Path) -> None:
     found = problems(b1=(len(good) - 1024) // 512)  # a block running into the footer
     assert any("extends past the end" in p for p in found)
     found = problems(b0=0xFFFFFFFF)  # the first block is no longer referenced
-    assert found == [f"leak: {2 * MIB + 512} bytes at 2048..{2 * MIB + 2560} are not used by any structure"]
+    assert found == [f"leak: {2 * MIB + 512} bytes at 2048..{2 * MIB + 2560} are not used by any block"]
     # an allocated entry beyond the disk's blocks: the disk shrinks to one block, the BAT keeps two
     image.write_bytes(good)
     assert check_image(image).clean
@@ -740,14 +782,13 @@ def test_check_unused_space_is_a_leak(workdir: Path) -> None:
     image = workdir / "g.vhd"
     with create_image(image, "vhd", 3 * MIB) as created:
         created.write(0, b"\x01" * 512)
-    data = bytearray(image.read_bytes())
-    footer = bytes(data[-512:])
-    gap = 4096
-    image.write_bytes(bytes(data[:-512]) + bytes(gap) + footer)  # unused space before the footer
-    result = check_image(image)
-    assert (result.corruptions, result.leaks) == (0, 1)
-    assert f"{gap} bytes" in result.problems[0].message
-    assert read_all(image)[:512] == b"\x01" * 512
+    data = image.read_bytes()
+    for gap, leaks in ((3584, 0), (2 * MIB + 512, 1)):  # alignment padding; room for a whole block
+        image.write_bytes(data[:-512] + bytes(gap) + data[-512:])
+        result = check_image(image)
+        assert (result.corruptions, result.leaks) == (0, leaks), result.problems
+        assert read_all(image)[:512] == b"\x01" * 512
+    assert f"{2 * MIB + 512} bytes" in result.problems[0].message
 
 
 def test_check_clean_on_polyvisor_and_qemu_images(workdir: Path) -> None:

@@ -1014,12 +1014,11 @@ class VhdImage(DiskImage):
             (layout.header_offset, layout.header_offset + HEADER.size, "dynamic disk header"),
             (layout.bat_offset, layout.bat_offset + 4 * layout.entries, "block allocation table"),
         ]
-        used: list[tuple[int, int]] = [(0, SECTOR), (layout.header_offset, layout.header_offset + HEADER.size),
-                                       (layout.bat_offset, align_up(layout.bat_offset + 4 * layout.entries, SECTOR))]
+        metadata_end = max(layout.header_offset + HEADER.size, layout.bat_offset + 4 * layout.entries)
         for locator in layout.locators:
             start = locator.entry.data_offset
             metadata.append((start, start + locator.entry.data_length, f"parent locator {locator.index} data"))
-            used.append((start, align_up(start + max(locator.entry.data_length, locator.reserved_bytes), SECTOR)))
+            metadata_end = max(metadata_end, start + max(locator.entry.data_length, locator.reserved_bytes))
         for i, (a_start, a_end, a_name) in enumerate(metadata):
             for b_start, b_end, b_name in metadata[i + 1 :]:
                 if a_start < b_end and b_start < a_end and a_end > a_start and b_end > b_start:
@@ -1053,23 +1052,24 @@ class VhdImage(DiskImage):
             if b_start < a_end:
                 result.corruption(f"VHD BAT entry {b_index}", f"block at {b_start} overlaps block {a_index} "
                                   f"({a_start}..{a_end})", layout.bat_offset + 4 * b_index)
-        used.extend((start, end) for start, end, _ in blocks)
-        self._report_gaps(result, used, data_limit)
+        self._report_gaps(result, align_up(metadata_end, SECTOR), [(start, end) for start, end, _ in blocks],
+                          data_limit, span)
         result.allocated_units = allocated
         result.total_units = needed
         result.image_end_offset = file_size
 
     @staticmethod
-    def _report_gaps(result: CheckResult, used: list[tuple[int, int]], data_limit: int) -> None:
-        """Space before the footer that no structure uses is leaked."""
-        pos = 0
-        for start, end in sorted(used):
-            if start > pos and start <= data_limit:
-                result.leak("VHD file", f"{start - pos} bytes at {pos}..{start} are not used by any structure", pos)
+    def _report_gaps(result: CheckResult, metadata_end: int, blocks: list[tuple[int, int]], data_limit: int,
+                     span: int) -> None:
+        """Unused space between the metadata and the footer that could hold a block is leaked.
+
+        Smaller gaps are alignment padding (writers align metadata and blocks differently).
+        """
+        pos = metadata_end
+        for start, end in [*blocks, (data_limit, data_limit)]:
+            if start - pos >= span:
+                result.leak("VHD file", f"{start - pos} bytes at {pos}..{start} are not used by any block", pos)
             pos = max(pos, end)
-        if pos < data_limit:
-            result.leak("VHD file", f"{data_limit - pos} bytes at {pos}..{data_limit} are not used by any structure",
-                        pos)
 
     # ------------------------------------------------------------- describing
 
