@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -720,6 +721,37 @@ def test_hostile_bat_entries(workdir: Path) -> None:
         assert any("beyond the end" in p.message for p in opened.check().problems)
     with pytest.raises(TruncatedImage):
         open_image(image, writable=True)
+
+
+def test_random_damage_gives_only_polyvisor_errors(workdir: Path) -> None:
+    """Bytes of the footers, header, BAT, locators and bitmaps flipped at random: readable or a PolyvisorError."""
+    _, child, _ = make_chain(workdir, 4 * MIB)
+    pristine = child.read_bytes()
+    header, _ = header_of(child)
+    first_block = min(bat_entry(child, i) for i in range(header.max_table_entries)) * 512
+    targets = [*range(first_block + 512), *range(len(pristine) - 512, len(pristine))]
+    rng = random.Random(1234)
+    outcomes: dict[str, int] = {}
+    for _ in range(300):
+        damaged = bytearray(pristine)
+        for _ in range(rng.choice([1, 2, 8])):
+            damaged[rng.choice(targets)] = rng.randrange(256)
+        if rng.random() < 0.3:  # keep the structures' checksums valid so the fields themselves are tested
+            damaged[-512:] = with_checksum(bytes(damaged[-512:]), FOOTER_CHECKSUM_AT)
+            damaged[:512] = with_checksum(bytes(damaged[:512]), FOOTER_CHECKSUM_AT)
+            damaged[512:1536] = with_checksum(bytes(damaged[512:1536]), HEADER_CHECKSUM_AT)
+        child.write_bytes(bytes(damaged))
+        started = time.monotonic()
+        try:
+            read_all(child)
+            check_image(child)
+            outcome = "ok"
+        except PolyvisorError as exc:
+            outcome = type(exc).__name__
+        assert time.monotonic() - started < 5
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    assert outcomes.get("ok", 0) > 0
+    assert len(outcomes) > 2, outcomes
 
 
 def test_garbage_is_not_probed(workdir: Path) -> None:
