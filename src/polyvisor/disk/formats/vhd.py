@@ -900,14 +900,18 @@ class VhdImage(DiskImage):
         """Write whole sectors (partial ones completed from what the chain shows) and set their bits."""
         assert self.layout is not None
         block_start = index * self.layout.block_size
+        end = within + len(chunk)
         head = within - within % SECTOR
-        tail = align_up(within + len(chunk), SECTOR)
-        if head != within or tail != within + len(chunk):
-            merged = bytearray(self.read(block_start + head, tail - head))
-            merged[within - head : within - head + len(chunk)] = chunk
-            payload: bytes | bytearray | memoryview = merged
-        else:
-            payload = chunk
+        tail = align_up(end, SECTOR)
+        payload: bytes | bytearray | memoryview = chunk
+        if head != within or tail != end:
+            merged = bytearray(tail - head)
+            if head != within:
+                merged[:SECTOR] = self.read(block_start + head, SECTOR)
+            if tail != end:
+                merged[-SECTOR:] = self.read(block_start + tail - SECTOR, SECTOR)
+            merged[within - head : end - head] = chunk
+            payload = merged
         value = self.layout.entry(index)
         if value == BAT_UNUSED:
             bitmap = bytearray(self.layout.bitmap_size)
