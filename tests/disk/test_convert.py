@@ -104,7 +104,7 @@ def test_compressed_output(fmt: str, sources: dict[str, Path], workdir: Path) ->
 def test_convert_onto_a_backing_file_stores_only_differences(fmt: str, workdir: Path) -> None:
     base_writes = scattered_writes(SIZE, seed=5)
     base = reference_raw(workdir / "base.raw", SIZE, base_writes)
-    base_fmt = "vmdk" if fmt == "vmdk" else "raw"
+    base_fmt = fmt if fmt in ("vmdk", "vhd", "vhdx") else "raw"  # VHD and VHDX parents are VHD and VHDX
     if base_fmt != "raw":
         convert(base, workdir / f"base.{base_fmt}", base_fmt)
     top_writes = [*base_writes[:3], (4096, b"\x00" * 4096), (SIZE - 512, b"\x44" * 512)]

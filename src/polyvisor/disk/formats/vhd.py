@@ -783,12 +783,28 @@ class VhdImage(DiskImage):
                 continue
             block_start = index * block_size
             stop = min(end, block_start + block_size)
+            self._refuse_block_on_metadata(index, value)
             data_host = value * SECTOR + layout.bitmap_size
             if not self.differencing:
                 yield Run(pos, stop - pos, ExtentKind.DATA, file=self._file, host_offset=data_host + pos - block_start)
             else:
                 yield from self._map_bitmap(index, pos, stop, data_host)
             pos = stop
+
+    def _refuse_block_on_metadata(self, index: int, value: int) -> None:
+        """A block (bitmap + data) must not overlap the footer copy, the dynamic header or the BAT."""
+        assert self.layout is not None
+        layout = self.layout
+        start = value * SECTOR
+        end = start + layout.bitmap_size + layout.block_size
+        for name, meta_start, meta_size in (
+            ("the footer copy", 0, FOOTER.size),
+            ("the dynamic disk header", layout.header_offset, HEADER.size),
+            ("the BAT", layout.bat_offset, 4 * layout.entries),
+        ):
+            if start < meta_start + meta_size and meta_start < end:
+                raise CorruptImage(self.path, f"block {index} at {start} overlaps {name} at {meta_start}",
+                                   structure=f"VHD BAT entry {index}", offset=layout.bat_offset + 4 * index)
 
     def _map_bitmap(self, index: int, pos: int, stop: int, data_host: int) -> Iterator[Run]:
         """Runs of a differencing block: set bits are here, clear bits read the parent."""
