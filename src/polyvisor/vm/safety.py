@@ -15,11 +15,11 @@ Every VM package is untrusted input.  The helpers here refuse, with an
 from __future__ import annotations
 
 import os
-import xml.etree.ElementTree as ET  # noqa: S405 - only for the Element type and serialising our own trees
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import defusedxml
-import defusedxml.ElementTree as DET
+import defusedxml.ElementTree as defused_et  # noqa: N813 - the module, not a class
 
 from polyvisor.disk.paths import ReferencePolicy
 from polyvisor.errors import DescriptorTooLarge, PackageError, UnsafePackage
@@ -44,7 +44,7 @@ def read_limited(path: Path, limit: int = MAX_DESCRIPTOR, *, what: str = "descri
 def parse_xml(data: bytes, *, source: str | os.PathLike[str]) -> ET.Element:
     """Parse untrusted XML: no DTD, no entities, no external references."""
     try:
-        root = DET.fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+        root = defused_et.fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
     except defusedxml.DTDForbidden:
         raise UnsafePackage("XML with a DOCTYPE is refused (entity expansion and external entities)",
                             path=source) from None
@@ -92,4 +92,5 @@ def resolve_in_package(
 def xml_bytes(root: ET.Element) -> bytes:
     """Serialise a tree polyvisor built, indented, with an XML declaration."""
     ET.indent(root, space="  ")
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
+    data: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    return data + b"\n"

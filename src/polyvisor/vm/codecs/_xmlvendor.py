@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET  # noqa: S405 - serialising trees polyvisor parsed with defusedxml
+import xml.etree.ElementTree as ET
 
 from polyvisor.errors import InvalidModel
 from polyvisor.vm.safety import parse_xml

@@ -21,11 +21,11 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, ClassVar
+from typing import IO, Any, ClassVar
 
 from polyvisor.disk.paths import DEFAULT_POLICY, ReferencePolicy
 from polyvisor.errors import ManifestMismatch, PackageError, UnmappableModel, UsageError
-from polyvisor.vm.model import Cpu, Disk, GuestOS, Nic, VmModel
+from polyvisor.vm.model import Cpu, VmModel
 from polyvisor.vm.safety import MAX_DESCRIPTOR
 
 COPY_CHUNK = 1 << 20
@@ -116,6 +116,7 @@ class OutputFiles:
     def __init__(self, outdir: Path) -> None:
         self.outdir = Path(outdir)
         self.pending: list[tuple[Path, Path]] = []
+        self.done: list[Path] = []
 
     def __enter__(self) -> OutputFiles:
         return self
@@ -160,6 +161,7 @@ class OutputFiles:
         """Rename every temporary file into place."""
         for tmp, final in self.pending:
             os.replace(tmp, final)
+            self.done.append(final)
         self.pending.clear()
 
     def abort(self) -> None:
@@ -171,8 +173,8 @@ class OutputFiles:
 
     @property
     def names(self) -> list[Path]:
-        """Final paths of the files written so far."""
-        return [final for _, final in self.pending]
+        """Final paths of the files written (committed or pending)."""
+        return self.done + [final for _, final in self.pending]
 
 
 class Codec(abc.ABC):
@@ -233,32 +235,36 @@ class Codec(abc.ABC):
 
 # ------------------------------------------------------------------ comparing through lossy codecs
 
-_DEFAULTS: dict[type[object], object] = {}
-
 
 def drop_fields(model: VmModel, paths: frozenset[str] | set[str]) -> VmModel:
-    """*model* with every field named in *paths* reset to its default (``disks.capacity`` resets
-    the capacity of every disk; ``vendor`` drops all vendor keys)."""
+    """*model* with every field named in *paths* reset to its default, to compare models through a lossy
+    codec: ``disks.capacity`` resets every disk's capacity; ``cpu.threads`` folds threads into cores (the
+    vCPU count stays); ``vendor`` drops all vendor keys."""
     result = model
     for path in sorted(paths):
         head, _, rest = path.partition(".")
-        if not rest:
-            default = _field_default(VmModel, head)
-            result = dataclasses.replace(result, **{head: default})
-            continue
-        current = getattr(result, head)
-        if isinstance(current, tuple):
-            replaced = tuple(dataclasses.replace(item, **{rest: _field_default(type(item), rest)})
-                             for item in current)
-            result = dataclasses.replace(result, **{head: replaced})
+        changes: dict[str, Any] = {}
+        if path == "cpu.threads":
+            cpu = result.cpu
+            changes["cpu"] = Cpu(cpu.sockets, cpu.cores * cpu.threads, 1)
+        elif not rest:
+            changes[head] = _field_default(VmModel, head)
         else:
-            result = dataclasses.replace(
-                result, **{head: dataclasses.replace(current, **{rest: _field_default(type(current), rest)})})
+            current = getattr(result, head)
+            if isinstance(current, tuple):
+                changes[head] = tuple(_reset(item, rest) for item in current)
+            else:
+                changes[head] = _reset(current, rest)
+        result = dataclasses.replace(result, **changes)
     return result
 
 
-def _field_default(cls: type[object], name: str) -> object:
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+def _reset(item: Any, name: str) -> Any:
+    return dataclasses.replace(item, **{name: _field_default(type(item), name)})
+
+
+def _field_default(cls: type[Any], name: str) -> Any:
+    for f in dataclasses.fields(cls):
         if f.name == name:
             if f.default is not dataclasses.MISSING:
                 return f.default
@@ -268,5 +274,4 @@ def _field_default(cls: type[object], name: str) -> object:
     raise KeyError(f"{cls.__name__}.{name} has no default")
 
 
-__all__ = ["Codec", "Cpu", "Disk", "DiskSource", "GuestOS", "Nic", "OutputFiles", "ReadOptions", "VmPackage",
-           "drop_fields"]
+__all__ = ["Codec", "DiskSource", "OutputFiles", "ReadOptions", "VmPackage", "drop_fields"]

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import string
-import xml.etree.ElementTree as ET  # noqa: S405 - building our own output; input goes through defusedxml
+import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -42,7 +42,6 @@ from polyvisor.vm.codecs.codec import Codec, DiskSource, OutputFiles, ReadOption
 from polyvisor.vm.mapping import devices as dev
 from polyvisor.vm.mapping import guestos
 from polyvisor.vm.model import (
-    MiB,
     Arch,
     Bus,
     Controller,
@@ -51,9 +50,10 @@ from polyvisor.vm.model import (
     DeviceKind,
     Disk,
     Firmware,
-    GuestOS,
     Graphics,
+    GuestOS,
     Machine,
+    MiB,
     Nic,
     NicModel,
     OsFamily,
@@ -143,8 +143,7 @@ class LibvirtCodec(Codec):
                 if disk.path is not None:
                     files.copy(disk.path, disk_paths[disk.path])
             files.write_bytes(f"{_file_stem(model.name)}.xml", xml_bytes(root))
-            written = files.names
-        return written
+        return files.names
 
 
 def _file_stem(name: str) -> str:
@@ -186,6 +185,8 @@ class _Reader:
         controllers, disks = self.storage(boot_devs)
         nics, serials, graphics = self.other_devices()
         for child in root:
+            if child.tag == "features" and element_text(child) == _default_features(secure_boot):
+                continue
             if child.tag not in _HANDLED_DOMAIN:
                 self.keep(f"domain/{child.tag}", child)
         model = VmModel(name=name, memory=memory, cpu=cpu, uuid=uuid, firmware=firmware, secure_boot=secure_boot,
@@ -479,7 +480,7 @@ class _Reader:
             target = element.find("target")
             port = int(target.get("port", "0")) if target is not None and target.get("port", "").isdigit() else 0
             serials.append(Serial(port))
-            if element.get("type", "pty") != "pty" or len([c for c in element if c.tag != "target"]):
+            if element.get("type", "pty") != "pty" or [c for c in element if c.tag != "target"]:
                 self.keep(f"serial/{port}", element)
         for element in devices.findall("console"):
             target = element.find("target")
@@ -500,6 +501,11 @@ class _Reader:
             if child.tag not in _HANDLED_DEVICES and child.tag != "controller":
                 self.keep(f"devices/{child.tag}", child)
         return tuple(nics), tuple(sorted(serials, key=lambda s: s.port)), graphics
+
+
+def _default_features(secure_boot: bool) -> str:
+    """The <features> polyvisor writes when the model carries none: ACPI, APIC, and SMM for Secure Boot."""
+    return "<features><acpi /><apic />" + ('<smm state="on" />' if secure_boot else "") + "</features>"
 
 
 def loader_extra(loader: ET.Element) -> bool:
@@ -603,11 +609,7 @@ def _write_domain(model: VmModel, outdir: Path) -> ET.Element:
     for element in _kept(vendor, "domain/features"):
         root.append(element)
     if not any(k.startswith("domain/features#") for k in vendor):
-        features = ET.SubElement(root, "features")
-        ET.SubElement(features, "acpi")
-        ET.SubElement(features, "apic")
-        if model.secure_boot:
-            ET.SubElement(features, "smm", {"state": "on"})
+        root.append(element_from_text(_default_features(model.secure_boot), key="features"))
     cpu = _vendor_element(vendor, "cpu")
     if model.cpu.cores > 1 or model.cpu.threads > 1:
         cpu = cpu if cpu is not None else ET.Element("cpu")
@@ -660,7 +662,7 @@ def _write_devices(model: VmModel, vendor: Mapping[str, str], outdir: Path) -> E
             if disk.bus in (Bus.VIRTIO, Bus.XEN) and disk.unit != index:
                 index = disk.unit
             name = _dev_name(prefix, index)
-            devices.append(_write_disk(model, disk, name, vendor, outdir, use_os_boot))
+            devices.append(_write_disk(model, disk, name, vendor=vendor, outdir=outdir, use_os_boot=use_os_boot))
     for ctrl in model.controllers:
         if ctrl.model in (ControllerModel.VIRTIO_BLK, ControllerModel.XEN_BLKFRONT):
             continue
@@ -714,7 +716,7 @@ def _write_devices(model: VmModel, vendor: Mapping[str, str], outdir: Path) -> E
     return devices
 
 
-def _write_disk(model: VmModel, disk: Disk, dev_name: str, vendor: Mapping[str, str], outdir: Path,
+def _write_disk(model: VmModel, disk: Disk, dev_name: str, *, vendor: Mapping[str, str], outdir: Path,
                 use_os_boot: bool) -> ET.Element:
     element = ET.Element("disk", {"type": "file", "device": disk.device.value})
     driver = {"name": "qemu"}
