@@ -269,6 +269,13 @@ class VmModel:
     graphics: Graphics = Graphics.NONE
     vendor: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Addresses, not list positions, identify controllers, disks and serial ports: keep one canonical order
+        # so that equal machines compare equal.  NIC order is meaningful (it is the guest's enumeration order).
+        object.__setattr__(self, "controllers", tuple(sorted(self.controllers, key=lambda c: (c.bus, c.index))))
+        object.__setattr__(self, "disks", tuple(sorted(self.disks, key=lambda d: (d.bus, d.controller, d.unit))))
+        object.__setattr__(self, "serials", tuple(sorted(self.serials, key=lambda s: s.port)))
+
     # ------------------------------------------------------------- queries
 
     def controller_for(self, disk: Disk) -> Controller:

@@ -494,7 +494,8 @@ class _Reader:
             gtype = element.get("type", "")
             if gtype in ("vnc", "spice") and graphics == Graphics.NONE:
                 graphics = Graphics(gtype)
-                self.vendor["graphics"] = element_text(element)
+                if element_text(element) != f'<graphics type="{gtype}" autoport="yes" />':
+                    self.vendor["graphics"] = element_text(element)
             else:
                 self.keep("devices/graphics", element)
         for child in devices:

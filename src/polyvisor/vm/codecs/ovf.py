@@ -402,9 +402,11 @@ class _OvfReader:
 
     def apply_vbox(self, machine: ET.Element, model: VmModel) -> VmModel:
         """Take what only ``vbox:Machine`` says: firmware, chipset, UUID, MAC addresses."""
-        hardware = machine.find(f"{{{VBOX}}}Hardware")
-        if hardware is None:
-            hardware = machine.find("Hardware")
+        def child(parent: ET.Element, name: str) -> ET.Element | None:
+            # vbox:Machine's children carry whatever default namespace the envelope declared
+            return next((c for c in parent if local(c.tag) == name), None)
+
+        hardware = child(machine, "Hardware")
         changes: dict[str, object] = {}
         uuid_text = (machine.get("uuid") or "").strip("{}")
         if uuid_text:
@@ -414,7 +416,7 @@ class _OvfReader:
                 changes["uuid"] = str(uuid_module.UUID(uuid_text))
         if hardware is not None:
             def find(name: str) -> ET.Element | None:
-                return hardware.find(f"{{{VBOX}}}{name}") if hardware.find(name) is None else hardware.find(name)
+                return child(hardware, name)
 
             firmware_el = find("Firmware")
             if firmware_el is not None:

@@ -148,7 +148,7 @@ class VmxCodec(Codec):
     description = "VMware .vmx configuration and the .vmdk files it names"
     suffixes = (".vmx",)
     disk_formats = (("vmdk", "monolithicSparse"), ("vmdk", "streamOptimized"))
-    lossy = frozenset({"machine", "graphics", "disks.boot_order", "cpu.threads"})
+    lossy = frozenset({"machine", "graphics", "disks.boot_order", "cpu.threads", "disks.capacity", "disks.subformat"})
     target = "vmware"
 
     @classmethod
