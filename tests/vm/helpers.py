@@ -20,8 +20,8 @@ from polyvisor.vm.model import (
     DeviceKind,
     Disk,
     Firmware,
-    GuestOS,
     Graphics,
+    GuestOS,
     Machine,
     Nic,
     NicModel,
@@ -114,6 +114,6 @@ def validate_libvirt(path: Path) -> None:
     """Fail unless ``virt-xml-validate FILE domain`` accepts *path* (Debian libvirt-clients + libxml2-utils)."""
     tool = shutil.which("virt-xml-validate")
     assert tool is not None, "virt-xml-validate is not installed (Debian package libvirt-clients)"
-    assert shutil.which("xmllint"), "xmllint is not installed (Debian package libxml2-utils); virt-xml-validate needs it"
+    assert shutil.which("xmllint"), "xmllint is not installed (Debian libxml2-utils); virt-xml-validate needs it"
     proc = subprocess.run([tool, str(path), "domain"], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, f"virt-xml-validate failed:\n{proc.stdout}{proc.stderr}"

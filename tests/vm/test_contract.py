@@ -19,7 +19,8 @@ def test_round_trip(codec_name: str, model_name: str, tmp_path: Path) -> None:
     model = adapt(CORPUS[model_name], codec)
     files = placeholder_disks(model, tmp_path / "src")
     written = write_package(model, codec_name, tmp_path / "out", files)
-    assert written and all(p.exists() for p in written)
+    assert written
+    assert all(p.exists() for p in written)
     assert not list((tmp_path / "out").rglob("*.part")), "temporary files left behind"
     descriptor = next(p for p in written if p.suffix in codec.suffixes)
     if codec_name == "libvirt":
@@ -49,5 +50,8 @@ def test_extract_copies_images(codec_name: str, tmp_path: Path) -> None:
 
 def test_every_codec_declares_itself() -> None:
     for name, codec in registered_codecs().items():
-        assert codec.name == name and codec.description and codec.suffixes and codec.disk_formats
+        assert codec.name == name
+        assert codec.description
+        assert codec.suffixes
+        assert codec.disk_formats
         assert codec.target in ("kvm", "vmware", "virtualbox", "hyperv-gen1", "hyperv-gen2", "xen-pv")

@@ -719,6 +719,7 @@ def _hardware_section(model: VmModel, vendor: Mapping[str, str], disk_ids: dict[
         element = element_from_text(vendor[key], key=key)
         values = {local(child.tag): (child.text or "") for child in element}
         values["InstanceID"] = str(next(next_id))
+        values.setdefault("ElementName", values.get("Caption") or values.get("Description") or "Device")
         _item(section, values)
     if model.firmware == Firmware.UEFI:
         section.append(_vmw_config("firmware", "efi"))
@@ -891,17 +892,16 @@ class OvaCodec(Codec):
         for name in [f"{stem}.ovf", f"{stem}.mf", *names]:
             if len(name.encode("utf-8")) > 99:
                 raise UnmappableModel(f"OVA member name {name!r} is longer than ustar's 99 bytes")
-        with OutputFiles(Path(outdir)) as files:
-            with files.open(f"{stem}.ova") as handle, \
+        with OutputFiles(Path(outdir)) as files, files.open(f"{stem}.ova") as handle, \
                     tarfile.open(fileobj=handle, mode="w:", format=tarfile.USTAR_FORMAT) as tar:
-                _add_bytes(tar, f"{stem}.ovf", descriptor)
-                _add_bytes(tar, f"{stem}.mf", manifest)
-                for name in names:
-                    info = tarfile.TarInfo(name)
-                    info.size = os.path.getsize(disk_paths[name])
-                    info.mode = 0o644
-                    with open(disk_paths[name], "rb") as src:
-                        tar.addfile(info, src)
+            _add_bytes(tar, f"{stem}.ovf", descriptor)
+            _add_bytes(tar, f"{stem}.mf", manifest)
+            for name in names:
+                info = tarfile.TarInfo(name)
+                info.size = os.path.getsize(disk_paths[name])
+                info.mode = 0o644
+                with open(disk_paths[name], "rb") as src:
+                    tar.addfile(info, src)
         return files.names
 
 
