@@ -48,7 +48,7 @@ def test_os_identifiers() -> None:
 
 def test_choose_devices_for_kvm() -> None:
     base = CORPUS["linux-bios-lsilogic"]
-    vmware = dataclasses.replace(base, controllers=(Controller(ControllerModel.PVSCSI, 0), base.controllers[1]),
+    vmware = dataclasses.replace(base, controllers=(Controller(ControllerModel.PVSCSI, 0), Controller(ControllerModel.IDE)),
                                  nics=(Nic(NicModel.VMXNET3, None, "VM Network"),))
     choice = choose_devices(vmware, "kvm")
     text = [str(c) for c in choice.changes]
