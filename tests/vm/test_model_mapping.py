@@ -48,7 +48,8 @@ def test_os_identifiers() -> None:
 
 def test_choose_devices_for_kvm() -> None:
     base = CORPUS["linux-bios-lsilogic"]
-    vmware = dataclasses.replace(base, controllers=(Controller(ControllerModel.PVSCSI, 0), Controller(ControllerModel.IDE)),
+    pv = Controller(ControllerModel.PVSCSI, 0)
+    vmware = dataclasses.replace(base, controllers=(pv, Controller(ControllerModel.IDE)),
                                  nics=(Nic(NicModel.VMXNET3, None, "VM Network"),))
     choice = choose_devices(vmware, "kvm")
     text = [str(c) for c in choice.changes]
