@@ -21,7 +21,15 @@ of stderr and exits non-zero.
     │       ├── UnsafeReference    a backing/extent/parent path leaving the image's directory
     │       ├── MissingReference   the referenced file does not exist
     │       └── BackingChainError  loops or over-deep backing chains
-    └── OperationFailed            an operation ran but could not complete (I/O, compare of unequal sizes…)
+    ├── OperationFailed            an operation ran but could not complete (I/O, compare of unequal sizes…)
+    └── VmError                    a problem with a VM description or package (names file, where, what is wrong)
+        ├── InvalidModel           a VM model (JSON or built in code) breaks the model's rules
+        ├── UnknownCodec           no codec recognises a package / no codec has that name
+        ├── PackageError           a VM package (descriptor, OVA, .vmx, domain XML) is malformed
+        │   ├── UnsafePackage      hostile content: entity tricks, unsafe tar members, paths leaving the package
+        │   ├── ManifestMismatch   a manifest digest differs, or the manifest misses or adds a file
+        │   └── DescriptorTooLarge a descriptor or member over polyvisor's size limit
+        └── UnmappableModel        a codec cannot express the model (e.g. a raw disk in OVF), on write
 
 ``ReferenceError_`` carries a trailing underscore so as not to shadow the
 builtin :class:`ReferenceError`.
@@ -119,3 +127,56 @@ class MissingReference(ReferenceError_):
 
 class BackingChainError(ReferenceError_):
     """A backing chain loops or is deeper than allowed."""
+
+
+class VmError(PolyvisorError):
+    """A problem with a VM description or a VM package.
+
+    The message reads ``FILE: WHERE: what is wrong`` (each part only when
+    known), e.g. ``vm.ova: member '../evil': path leaves the package``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        where: str | None = None,
+    ) -> None:
+        self.path = os.fspath(path) if path is not None else None
+        self.where = where
+        self.reason = message
+        prefix = ""
+        if self.path is not None:
+            prefix += f"{self.path}: "
+        if where is not None:
+            prefix += f"{where}: "
+        super().__init__(f"{prefix}{message}")
+
+
+class InvalidModel(VmError):
+    """A VM model breaks the model's rules (bad JSON, wrong type, inconsistent fields)."""
+
+
+class UnknownCodec(VmError):
+    """No codec recognises the package, or no codec has the given name."""
+
+
+class PackageError(VmError):
+    """A VM package is malformed (descriptor syntax, missing references, bad values)."""
+
+
+class UnsafePackage(PackageError):
+    """A package tries something hostile: XML entity tricks, unsafe tar members, paths leaving the package."""
+
+
+class ManifestMismatch(PackageError):
+    """A manifest digest does not match a file, or the manifest misses or names extra files."""
+
+
+class DescriptorTooLarge(PackageError):
+    """A descriptor (or another member read into memory) is larger than polyvisor's limit."""
+
+
+class UnmappableModel(VmError):
+    """A codec cannot express part of the model it was asked to write."""
