@@ -7,9 +7,9 @@ cd "$(dirname "$0")/.."
 # qemu-utils: qemu-img/qemu-io, the peers tests compare against.
 # qemu-system-x86: boots the test guest.  mtools, syslinux, syslinux-common, dosfstools,
 # busybox-static, cpio: build the bootable test disk without loop devices.
-# libvirt-clients: virt-xml-validate.
+# libvirt-clients, libxml2-utils: virt-xml-validate (it runs xmllint).
 PACKAGES=(qemu-utils qemu-system-x86 mtools syslinux syslinux-common dosfstools busybox-static cpio
-          libvirt-clients)
+          libvirt-clients libxml2-utils)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
