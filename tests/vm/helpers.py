@@ -71,8 +71,11 @@ CORPUS: dict[str, VmModel] = {
 
 
 def adapt(model: VmModel, codec: type[Codec]) -> VmModel:
-    """*model* made expressible by *codec*: devices its hypervisor offers, disks in its first native format."""
-    adapted = choose_devices(model, codec.target).model
+    """*model* made expressible by *codec*: devices its hypervisor offers, disks in its first native format.
+
+    Guests moved to Xen are assumed to carry the Xen PV drivers (Windows has no inbox PV drivers)."""
+    drivers = ("xen-pv",) if codec.target.startswith("xen") else ()
+    adapted = choose_devices(model, codec.target, drivers=drivers).model
     fmt, sub = codec.disk_formats[0]
     disks = tuple(dataclasses.replace(d, format=fmt, subformat=sub) if d.device == DeviceKind.DISK else d
                   for d in adapted.disks)

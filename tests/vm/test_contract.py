@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from polyvisor.vm.codecs import drop_fields, read_package, registered_codecs, write_package
+from polyvisor.vm.mapping import TARGETS
 from tests.vm.helpers import CORPUS, adapt, placeholder_disks, validate_libvirt, validate_ovf
 
 CODECS = [name for name, codec in registered_codecs().items() if codec.can_read and codec.can_write]
@@ -54,4 +55,4 @@ def test_every_codec_declares_itself() -> None:
         assert codec.description
         assert codec.suffixes
         assert codec.disk_formats
-        assert codec.target in ("kvm", "vmware", "virtualbox", "hyperv-gen1", "hyperv-gen2", "xen-pv")
+        assert codec.target in TARGETS

@@ -32,18 +32,32 @@ COPY_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
+class Piece:
+    """``length`` bytes of a raw disk at guest offset ``offset``, stored at ``file_offset`` of the package file;
+    ``digest`` is the package's ``(algorithm, hex digest)`` of those bytes (an XVA chunk and its checksum)."""
+
+    offset: int
+    file_offset: int
+    length: int
+    digest: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
 class DiskSource:
     """Where the bytes of one of a package's disk images are on the host.
 
     For a directory package the image is the whole file ``path``; for an OVA it
     is ``size`` bytes at ``offset`` inside the archive.  ``digest`` is the
     manifest's ``(algorithm, hex digest)`` when the package had one (verified).
+    For an XVA the image is a raw disk of ``size`` bytes assembled from
+    ``pieces`` of the archive (zeros between them).
     """
 
     path: Path
     offset: int = 0
     size: int | None = None
     digest: tuple[str, str] | None = None
+    pieces: tuple[Piece, ...] | None = None
 
     @property
     def is_member(self) -> bool:
@@ -52,6 +66,9 @@ class DiskSource:
 
     def open_stream(self) -> Iterator[bytes]:
         """The image's bytes, in chunks of at most 1 MiB."""
+        if self.pieces is not None:
+            yield from self._assembled()
+            return
         with open(self.path, "rb") as handle:
             handle.seek(self.offset)
             remaining = self.size
@@ -65,6 +82,43 @@ class DiskSource:
                 if remaining is not None:
                     remaining -= len(chunk)
                 yield chunk
+
+    def _assembled(self) -> Iterator[bytes]:
+        assert self.pieces is not None
+        assert self.size is not None
+        position = 0
+        with open(self.path, "rb") as handle:
+            for piece in self.pieces:
+                while position < piece.offset:
+                    step = min(COPY_CHUNK, piece.offset - position)
+                    yield bytes(step)
+                    position += step
+                yield read_piece(handle, piece, self.path)
+                position += piece.length
+        while position < self.size:
+            step = min(COPY_CHUNK, self.size - position)
+            yield bytes(step)
+            position += step
+
+
+def read_piece(handle: IO[bytes], piece: Piece, path: Path) -> bytes:
+    """The bytes of *piece* from the open package file, re-checked against its digest."""
+    handle.seek(piece.file_offset)
+    data = handle.read(piece.length)
+    if len(data) != piece.length:
+        raise PackageError(f"ends inside the piece at offset {piece.file_offset}", path=path)
+    if piece.digest is not None and _piece_digest(piece.digest[0], data) != piece.digest[1]:
+        raise ManifestMismatch(f"the {piece.digest[0]} checksum of the data at offset {piece.file_offset} "
+                               "changed after it was verified", path=path)
+    return data
+
+
+def _piece_digest(algorithm: str, data: bytes) -> str:
+    if algorithm == "xxh64":
+        import xxhash
+
+        return f"{xxhash.xxh64_intdigest(data):016X}"
+    return hashlib.new(algorithm, data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -98,6 +152,15 @@ class VmPackage:
         out: dict[str, Path] = {}
         with OutputFiles(dest) as files:
             for name, src in sorted(self.disks.items()):
+                if src.pieces is not None:
+                    with files.open(name) as handle, open(src.path, "rb") as archive:
+                        assert src.size is not None
+                        for piece in src.pieces:  # written sparse: holes stay holes
+                            handle.seek(piece.offset)
+                            handle.write(read_piece(archive, piece, src.path))
+                        handle.truncate(src.size)
+                    out[name] = dest / name
+                    continue
                 with files.open(name) as handle:
                     hasher = hashlib.new(src.digest[0]) if src.digest else None
                     for chunk in src.open_stream():
@@ -274,4 +337,4 @@ def _field_default(cls: type[Any], name: str) -> Any:
     raise KeyError(f"{cls.__name__}.{name} has no default")
 
 
-__all__ = ["Codec", "DiskSource", "OutputFiles", "ReadOptions", "VmPackage", "drop_fields"]
+__all__ = ["Codec", "DiskSource", "OutputFiles", "Piece", "ReadOptions", "VmPackage", "drop_fields", "read_piece"]
