@@ -25,7 +25,7 @@ from typing import IO, Any, ClassVar
 
 from polyvisor.disk.paths import DEFAULT_POLICY, ReferencePolicy
 from polyvisor.errors import ManifestMismatch, PackageError, UnmappableModel, UsageError
-from polyvisor.vm.model import Cpu, VmModel
+from polyvisor.vm.model import Bus, Controller, ControllerModel, Cpu, DeviceKind, VmModel
 from polyvisor.vm.safety import MAX_DESCRIPTOR
 
 COPY_CHUNK = 1 << 20
@@ -302,14 +302,28 @@ class Codec(abc.ABC):
 def drop_fields(model: VmModel, paths: frozenset[str] | set[str]) -> VmModel:
     """*model* with every field named in *paths* reset to its default, to compare models through a lossy
     codec: ``disks.capacity`` resets every disk's capacity; ``cpu.threads`` folds threads into cores (the
-    vCPU count stays); ``vendor`` drops all vendor keys."""
+    vCPU count stays); ``cpu.topology`` keeps only the vCPU count (as cores of one socket);
+    ``disks.removable`` drops CD-ROM and floppy drives; ``disks.address`` puts every disk, in order, on one
+    NVMe controller (for packages that list disks without saying where they sit); ``vendor`` drops all vendor
+    keys."""
     result = model
-    for path in sorted(paths):
+    for path in sorted(paths, key=lambda p: (p != "disks.removable", p)):
         head, _, rest = path.partition(".")
         changes: dict[str, Any] = {}
         if path == "cpu.threads":
             cpu = result.cpu
             changes["cpu"] = Cpu(cpu.sockets, cpu.cores * cpu.threads, 1)
+        elif path == "cpu.topology":
+            changes["cpu"] = Cpu(1, result.cpu.count, 1)
+        elif path == "disks.removable":
+            kept = tuple(d for d in result.disks if d.device == DeviceKind.DISK)
+            used = {(d.bus, d.controller) for d in kept}
+            changes["disks"] = kept
+            changes["controllers"] = tuple(c for c in result.controllers if (c.bus, c.index) in used)
+        elif path == "disks.address":
+            changes["disks"] = tuple(dataclasses.replace(d, bus=Bus.NVME, controller=0, unit=i)
+                                     for i, d in enumerate(result.disks))
+            changes["controllers"] = (Controller(ControllerModel.NVME, 0),) if result.disks else ()
         elif not rest:
             changes[head] = _field_default(VmModel, head)
         else:
