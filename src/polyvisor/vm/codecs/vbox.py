@@ -394,8 +394,8 @@ def build_vbox(model: VmModel) -> ET.Element:
         slots.insert(min(int(network_position) - 1, len(slots)), "Network")
     while len(slots) < 4:
         slots.append("None")
-    for position, device in enumerate(slots, 1):
-        ET.SubElement(boot, q("Order"), {"position": str(position), "device": device})
+    for position, slot in enumerate(slots, 1):
+        ET.SubElement(boot, q("Order"), {"position": str(position), "device": slot})
     network = ET.SubElement(hardware, q("Network"))
     for n, nic in enumerate(model.nics):
         if nic.model not in _NIC_WRITE:
