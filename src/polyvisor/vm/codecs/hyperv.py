@@ -82,10 +82,18 @@ _BIOS_KINDS = {"CD": DeviceKind.CDROM, "IDE": DeviceKind.DISK, "Floppy": DeviceK
 _XML_BOOT = {"optical": DeviceKind.CDROM, "harddrive": DeviceKind.DISK, "floppy": DeviceKind.FLOPPY}
 
 
-def _os_notes(os: GuestOS) -> str:
+def _os_notes(os: GuestOS, notes: str = "") -> str:
+    """The VM's notes: the user's text (one line), then the guest OS, which Hyper-V does not record."""
     fields = [f"{name}={value}" for name in ("family", "distribution", "version", "arch", "osinfo")
               if (value := getattr(os, name)) is not None]
-    return "polyvisor-os: " + " ".join(fields)
+    own = "polyvisor-os: " + " ".join(fields)
+    text = " ".join(notes.split())
+    return f"{text} | {own}" if text else own
+
+
+def _user_notes(notes: str) -> str:
+    """The user's part of the notes (without polyvisor's guest OS record)."""
+    return _NOTES.sub("", notes).strip().removesuffix("|").strip()
 
 
 def _os_from_notes(notes: str, source: Path) -> GuestOS:
@@ -121,7 +129,7 @@ def render_ps1(model: VmModel) -> str:
         "-NoVHD -Path $here",
         f"Set-VMProcessor -VM $vm -Count {model.cpu.count}",
         f"Set-VMMemory -VM $vm -DynamicMemoryEnabled $false -StartupBytes {model.memory}",
-        f"Set-VM -VM $vm -Notes {_quote(_os_notes(model.os))}",
+        f"Set-VM -VM $vm -Notes {_quote(_os_notes(model.os, model.vendor_keys(CODEC).get('notes', '')))}",
     ]
     scsi = [c for c in model.controllers if c.bus == Bus.SCSI]
     for ctrl in model.controllers:
@@ -294,6 +302,7 @@ def _model_from_ps1(statements: list[tuple[str | None, str, dict[str, Any]]], pa
     serials: list[Serial] = []
     secure_boot = False
     boot_variable: str | None = None
+    vendor: dict[str, str] = {}
     variables: dict[str, int] = {}
     startup: list[str] = []
     for target, cmdlet, params in statements:
@@ -303,6 +312,8 @@ def _model_from_ps1(statements: list[tuple[str | None, str, dict[str, Any]]], pa
             memory = int(params.get("StartupBytes", memory))
         elif cmdlet == "Set-VM":
             os = _os_from_notes(str(params.get("Notes", "")), path)
+            if _user_notes(str(params.get("Notes", ""))):
+                vendor["notes"] = _user_notes(str(params.get("Notes", "")))
         elif cmdlet == "Add-VMScsiController":
             scsi_count += 1
         elif cmdlet in ("Add-VMHardDiskDrive", "Add-VMDvdDrive"):
@@ -365,7 +376,7 @@ def _model_from_ps1(statements: list[tuple[str | None, str, dict[str, Any]]], pa
     return VmModel(name=name, memory=memory, cpu=Cpu(1, count, 1),
                    firmware=Firmware.UEFI if generation == 2 else Firmware.BIOS,
                    secure_boot=secure_boot and generation == 2, os=os, controllers=tuple(controllers),
-                   disks=tuple(disks), nics=tuple(nics.values()), serials=tuple(serials))
+                   disks=tuple(disks), nics=tuple(nics.values()), serials=tuple(serials)).with_vendor(CODEC, vendor)
 
 
 def _kind_order(disks: list[Disk], kinds: list[DeviceKind]) -> list[Disk]:
@@ -404,7 +415,8 @@ def _model_from_xml(root: ET.Element, path: Path, finder: ImageFinder, home: Pat
         raise PackageError("a Hyper-V configuration has <properties> and <settings>", path=path)
     name = _text(_child(properties, "name")) or path.stem
     generation = 2 if _text(_child(properties, "subtype")) == "1" else 1
-    os = _os_from_notes(_text(_child(properties, "notes")), path)
+    notes = _text(_child(properties, "notes"))
+    os = _os_from_notes(notes, path)
     memory_el = _child(settings, "memory")
     bank = _child(memory_el, "bank") if memory_el is not None else None
     processors = _child(settings, "processors")
@@ -519,9 +531,11 @@ def _model_from_xml(root: ET.Element, path: Path, finder: ImageFinder, home: Pat
         controllers.append(Controller(ControllerModel.IDE, 0))
     if any(d.bus == Bus.FDC for d in disks):
         controllers.append(Controller(ControllerModel.FDC, 0))
+    vendor = {"notes": _user_notes(notes)} if _user_notes(notes) else {}
     return VmModel(name=name, memory=memory, cpu=Cpu(1, count, 1), uuid=uuid,
                    firmware=Firmware.UEFI if generation == 2 else Firmware.BIOS, secure_boot=secure_boot, os=os,
-                   controllers=tuple(controllers), disks=tuple(disks), nics=tuple(nics), serials=tuple(serials))
+                   controllers=tuple(controllers), disks=tuple(disks), nics=tuple(nics),
+                   serials=tuple(serials)).with_vendor(CODEC, vendor)
 
 
 def _resolved(candidate: Path, finder: ImageFinder, what: str) -> Path:

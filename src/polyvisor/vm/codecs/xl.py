@@ -193,7 +193,7 @@ def parse_disk_spec(spec: str) -> dict[str, str]:
             result["devtype"] = "cdrom"
         elif item in ("r", "ro", "w", "rw") and positional:
             result["access"] = item
-        elif item:
+        else:
             positional.append(item)
     if positional:
         target = positional.pop(0)
@@ -203,11 +203,16 @@ def parse_disk_spec(spec: str) -> dict[str, str]:
             fmt = prefix.split(":")[-1]
             if fmt in _FORMATS:
                 result.setdefault("format", fmt)
-        result.setdefault("target", target)
-    if positional and positional[0] in _FORMATS:
-        result.setdefault("format", positional.pop(0))
+        if target:
+            result.setdefault("target", target)
+    if positional and (positional[0] in _FORMATS or positional[0] == ""):
+        fmt = positional.pop(0)
+        if fmt:
+            result.setdefault("format", fmt)
     if positional:
         result.setdefault("vdev", positional.pop(0))
+    while positional and positional[-1] == "":
+        positional.pop()
     if positional:
         raise ValueError(f"too many positional parameters in disk spec {spec!r}")
     return result
