@@ -121,6 +121,8 @@ def boot_domain(xml_path: Path, marker: str, *, timeout: float = 240.0) -> Libvi
             try:
                 if domain.isActive():
                     domain.destroy()
+            except libvirt.libvirtError:
+                pass  # the guest powered itself off meanwhile
             finally:
                 domain.undefine()
         conn.close()
