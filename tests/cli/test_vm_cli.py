@@ -28,7 +28,8 @@ from tests.peers import polyvisor_cli
 def _package(where: Path) -> Path:
     image = where / "disk.img"
     image.write_bytes(b"\x00" * 1024 + b"payload" * 100)
-    model = VmModel(name="cli-vm", memory=512 << 20, os=GuestOS(OsFamily.LINUX), controllers=(Controller(ControllerModel.LSILOGIC, 0),),
+    model = VmModel(name="cli-vm", memory=512 << 20, os=GuestOS(OsFamily.LINUX),
+                    controllers=(Controller(ControllerModel.LSILOGIC, 0),),
                     disks=(Disk(DeviceKind.DISK, Bus.SCSI, 0, 0, "disk.img", "raw", boot_order=1),),
                     nics=(Nic(NicModel.E1000, "00:50:56:aa:bb:cc", "LAN"),), serials=(Serial(0),))
     written = write_package(model, "libvirt", where / "pkg", {"disk.img": image})
