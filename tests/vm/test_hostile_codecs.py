@@ -199,12 +199,12 @@ def test_xva_xxhash_checksums_are_verified(tmp_path: Path) -> None:
     refused(_write_tar(tmp_path / "bad" / "xx.xva", bad), "xva", ManifestMismatch, "xxh64 checksum")
 
 
+WRONG_SHA1 = hashlib.sha1(b"other", usedforsecurity=False).hexdigest().encode()
 EVIL: dict[str, Callable[[list[tuple[str, bytes]]], list[tuple[str, bytes]]]] = {
     "dotdot": lambda m: [*m, ("../evil", b"x")],
     "absolute": lambda m: [*m, ("/tmp/evil", b"x")],
     "unknown-member": lambda m: [*m, ("README", b"x")],
-    "checksum": lambda m: [(n, hashlib.sha1(b"other", usedforsecurity=False).hexdigest().encode()) if n.endswith("00000000.checksum")
-                           else (n, d) for n, d in m],
+    "checksum": lambda m: [(n, WRONG_SHA1) if n.endswith("00000000.checksum") else (n, d) for n, d in m],
     "chunk-without-checksum": lambda m: [(n, d) for n, d in m if not n.endswith("00000000.checksum")],
     "out-of-order": lambda m: [m[0], *reversed(m[1:])],
 }
