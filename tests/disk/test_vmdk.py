@@ -18,6 +18,7 @@ from polyvisor.errors import (
     BackingChainError,
     CorruptImage,
     LimitExceeded,
+    MissingReference,
     PolyvisorError,
     ReadOnlyImage,
     TruncatedImage,
@@ -352,9 +353,9 @@ def test_delta_refuses_other_subformats_and_backing_formats(workdir: Path) -> No
     make_sparse(workdir / "base.vmdk", [])
     with pytest.raises(UnsupportedOption, match="monolithicSparse"):
         create_image(workdir / "d.vmdk", "vmdk", None, backing_file="base.vmdk", subformat="monolithicFlat")
-    qemu_create(workdir / "base.qcow2", "qcow2", SIZE)
-    with pytest.raises(PolyvisorError):
-        create_image(workdir / "e.vmdk", "vmdk", None, backing_file="base.qcow2", backing_fmt="qcow2")
+    qemu_create(workdir / "base.raw", "raw", SIZE)
+    with pytest.raises(UnsupportedOption, match="must be a VMDK"):
+        create_image(workdir / "e.vmdk", "vmdk", None, backing_file="base.raw", backing_fmt="raw")
     assert not (workdir / "d.vmdk").exists()
     assert not (workdir / "e.vmdk").exists()
 
@@ -650,5 +651,60 @@ def test_truncated_flat_extent_is_reported(workdir: Path) -> None:
 
 def test_missing_extent_is_a_clear_error(workdir: Path) -> None:
     desc = workdir / "m.vmdk"
-    write_descriptor(desc, ['RW 8 FLAT "nope.bin" 0'])
-    hostile(desc, PolyvisorError, "not found")
+    write_descriptor(desc, ['RW 8 FLAT "nope.bin" 0', 'RW 8 SPARSE "gone-s001.vmdk"'])
+    hostile(desc, MissingReference, "not found")
+    result = check_image(desc)
+    assert [p.message.split(" not found")[0] for p in result.problems] == [
+        "extent 'nope.bin'", "extent 'gone-s001.vmdk'"]
+
+
+def test_stream_write_zeroes_and_gaps(workdir: Path) -> None:
+    size = 4 * MIB
+    image = workdir / "z.vmdk"
+    with create_image(image, "vmdk", size, subformat="streamOptimized") as created:
+        created.write(0, b"\x10" * 3000)
+        created.write_zeroes(1000, 200_000)
+        created.write(300_000, b"\x11" * GRAIN)
+        created.write_zeroes(2 * MIB, MIB)
+        created.write(3 * MIB + 7, b"\x12" * 10)
+    expected = bytearray(size)
+    expected[0:3000] = b"\x10" * 3000
+    expected[1000:201_000] = bytes(200_000)
+    expected[300_000 : 300_000 + GRAIN] = b"\x11" * GRAIN
+    expected[3 * MIB + 7 : 3 * MIB + 17] = b"\x12" * 10
+    reference = workdir / "ref.raw"
+    reference.write_bytes(bytes(expected))
+    qemu_check(image, "vmdk")
+    qemu_compare(image, "vmdk", reference, "raw")
+    assert read_all(image) == bytes(expected)
+
+
+def test_check_finds_stream_table_marker_damage(stream: Path) -> None:
+    raw = stream.read_bytes()
+    gd_sector = struct.unpack_from("<Q", raw, len(raw) - 1024 + 56)[0]
+    gt_sector = struct.unpack_from("<I", raw, gd_sector * 512)[0]
+    assert struct.unpack_from("<QII", raw, (gt_sector - 1) * 512) == (4, 0, 1)
+    poke(stream, (gt_sector - 1) * 512 + 12, struct.pack("<I", 7))
+    result = check_image(stream)
+    assert any("not preceded by its marker" in p.message for p in result.problems)
+
+
+def test_descriptor_and_extent_capacity_mismatch(workdir: Path) -> None:
+    image = workdir / "t.vmdk"
+    make_sparse(image, [(0, b"\x01" * 512)], subformat="twoGbMaxExtentSparse")
+    text = image.read_text()
+    image.write_text(text.replace(f"RW {SIZE // 512} SPARSE", f"RW {SIZE // 512 - 8} SPARSE"))
+    hostile(image, CorruptImage, "header")
+    assert not check_image(image).clean
+
+
+@pytest.mark.parametrize("subformat", [s for s in SUBFORMATS if s != "streamOptimized"])
+def test_qemu_writes_into_polyvisor_images(subformat: str, workdir: Path) -> None:
+    image = workdir / "p.vmdk"
+    writes = scattered_writes(SIZE, seed=12, count=8)
+    make_sparse(image, writes, subformat=subformat)
+    qemu_io(image, "vmdk", *qemu_io_commands(SIZE, seed=13))
+    qemu_check(image, "vmdk")
+    oracle = qemu_to_raw(image, "vmdk", workdir / "oracle.raw").read_bytes()
+    assert read_all(image) == oracle
+    assert check_image(image).clean

@@ -92,6 +92,8 @@ from polyvisor.errors import (
     BackingChainError,
     CorruptImage,
     LimitExceeded,
+    MissingReference,
+    OperationFailed,
     ReadOnlyImage,
     TruncatedImage,
     UnsupportedFeature,
@@ -278,6 +280,26 @@ class _NoAccessExtent(_Extent):
     def map(self, rel: int, length: int) -> Iterator[Run]:
         raise UnsupportedFeature(self.image_path, f"guest bytes {self.start + rel}+{length} lie in a "
                                  "NOACCESS extent", structure="VMDK extent")
+
+
+class _MissingExtent(_Extent):
+    """An extent whose file does not exist: ``check`` reports it, reading it raises."""
+
+    type_name = "MISSING"
+
+    def __init__(self, image_path: Path, start: int, length: int, access: str, *, filename: str,
+                 error: MissingReference) -> None:
+        super().__init__(image_path, start, length, access, file=None, filename=filename)
+        self.error = error
+
+    def map(self, rel: int, length: int) -> Iterator[Run]:
+        raise self.error
+
+    def write(self, rel: int, data: memoryview | None, length: int) -> None:
+        raise self.error
+
+    def check(self, result: CheckResult) -> None:
+        result.corruption(f"VMDK extent {self.filename}", self.error.reason)
 
 
 class _ZeroExtent(_Extent):
@@ -853,7 +875,7 @@ class _SparseExtent(_Extent):
             previous_end = entry + gs
         result.allocated_units = (result.allocated_units or 0) + allocated
         result.total_units = (result.total_units or 0) + -(-self.length // self.grain_bytes)
-        free = slots - sum(bin(byte).count("1") for byte in used)
+        free = slots - int.from_bytes(used, "little").bit_count()
         if free > 0 and slots:
             result.leak(name, f"{free} grain-sized areas after the metadata are not referenced by any grain "
                         "table", base * SECTOR)
@@ -1110,9 +1132,13 @@ class _StreamWriter:
         self._drain()
         self._close_gt()
         self._flush_out()
-        fd, name = tempfile.mkstemp(prefix=f".{self.image_path.name}.", suffix=".polyvisor-scratch",
-                                    dir=self.image_path.parent if str(self.image_path.parent) else ".")
-        os.unlink(name)
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{self.image_path.name}.", suffix=".polyvisor-scratch",
+                                        dir=self.image_path.parent)
+            os.unlink(name)
+        except OSError as exc:
+            raise OperationFailed(f"{self.image_path}: cannot create the scratch file for out-of-order stream "
+                                  f"writes: {exc.strerror}") from exc
         scratch = ImageFile(Path(name), fd, writable=True, display_path=self.file.display_path)
         try:
             reader = _SparseExtent(self.image_path, 0, self.capacity, "RW", file=self.file, filename=None,
@@ -1406,7 +1432,10 @@ class VmdkImage(DiskImage):
         if line.type == "ZERO":
             return _ZeroExtent(path, start, length, line.access, file=None, filename=None)
         assert line.filename is not None
-        target = opener.resolve(path, line.filename, what="extent")
+        try:
+            target = opener.resolve(path, line.filename, what="extent")
+        except MissingReference as exc:
+            return _MissingExtent(path, start, length, line.access, filename=line.filename, error=exc)
         extent_writable = writable and line.access == "RW"
         file = by_path.get(target)
         if file is None or (extent_writable and not file.writable):
