@@ -83,6 +83,7 @@ from polyvisor.disk.formats.vmdk_structs import (
     new_cid,
     new_ddb,
     parse_descriptor,
+    python_codec,
     with_new_cid,
 )
 from polyvisor.disk.image import DiskImage, ExtentKind, ProbeSample, Run, is_zero
@@ -134,8 +135,8 @@ STREAM_MAX_PENDING = 8
 STREAM_FLUSH_BYTES = 4 << 20
 #: zlib level of stream grains (qemu uses zlib's default too).
 DEFLATE_LEVEL = zlib.Z_DEFAULT_COMPRESSION
-#: Compressed grains of streams remembered by ``check`` for the overlap test when out of order.
-MAX_CHECKED_STREAM_GRAINS = 1 << 22
+#: Grains ``check`` remembers for the overlap test of grains not on the grain grid (8 bytes each).
+MAX_CHECKED_LOOSE_GRAINS = 1 << 21
 
 _LITTLE = sys.byteorder == "little"
 
@@ -811,7 +812,7 @@ class _SparseExtent(_Extent):
                 table = self._gt(t)
             except TruncatedImage:
                 continue  # already reported as past the end of the file
-            if table is None:
+            if table is None or table.count(0) == len(table):
                 continue
             for i, entry in enumerate(table):
                 if entry == 0:
@@ -830,7 +831,7 @@ class _SparseExtent(_Extent):
         gs = self.grain_sectors
         slots = max(0, (file_sectors - base) // gs) if file_sectors > base else 0
         used = bytearray(-(-slots // 8) if slots else 0)
-        unaligned: list[tuple[int, int]] = []
+        loose = array("Q")  # grains off the grain grid (bounded)
         allocated = total = 0
 
         def mark(sector_a: int, sector_b: int) -> bool:
@@ -861,17 +862,17 @@ class _SparseExtent(_Extent):
                 result.corruption(name, f"grain at sector {entry} overlaps a grain table", where)
                 continue
             if (entry - base) % gs:
-                unaligned.append((entry, where))
+                if len(loose) < MAX_CHECKED_LOOSE_GRAINS:
+                    loose.append(entry)
                 continue
             slot = (entry - base) // gs
             if used[slot >> 3] & (1 << (slot & 7)):
                 result.corruption(name, f"grain at sector {entry} is used twice or overlaps another grain", where)
             used[slot >> 3] |= 1 << (slot & 7)
-        unaligned.sort()
         previous_end = -1
-        for entry, where in unaligned:
+        for entry in sorted(loose):
             if entry < previous_end or mark(entry, entry + gs):
-                result.corruption(name, f"grain at sector {entry} overlaps another grain", where)
+                result.corruption(name, f"grain at sector {entry} overlaps another grain", entry * SECTOR)
             previous_end = entry + gs
         result.allocated_units = (result.allocated_units or 0) + allocated
         result.total_units = (result.total_units or 0) + -(-self.length // self.grain_bytes)
@@ -888,6 +889,7 @@ class _SparseExtent(_Extent):
         footprint_total = 0
         previous_end = 0
         ordered = True
+        #: Grains in file order when the stream is not: sector << 24 | footprint in sectors.
         spans = array("Q")
         allocated = 0
         for index, entry, where in self._entries(result, name):
@@ -926,11 +928,11 @@ class _SparseExtent(_Extent):
             if entry < previous_end:
                 ordered = False
             previous_end = max(previous_end, entry + sectors)
-            if len(spans) < 2 * MAX_CHECKED_STREAM_GRAINS:
-                spans.extend((entry, entry + sectors))
+            if len(spans) < MAX_CHECKED_LOOSE_GRAINS:
+                spans.append(entry << 24 | sectors)
         if not ordered:
-            pairs = sorted(zip(spans[0::2], spans[1::2], strict=True))
-            for (_a, a_end), (b, _b_end) in itertools.pairwise(pairs):
+            for a, b in itertools.pairwise(sorted(spans)):
+                a_end, b = (a >> 24) + (a & 0xFFFFFF), b >> 24
                 if b < a_end:
                     result.corruption(name, f"compressed grain at sector {b} overlaps the one before it",
                                       b * SECTOR)
@@ -1371,7 +1373,7 @@ class VmdkImage(DiskImage):
             raw = file.read(header.descriptor_offset * SECTOR, area, "VMDK embedded descriptor")
             if raw.strip(b"\x00"):
                 descriptor = parse_descriptor(raw, path)
-                text = raw.split(b"\x00", 1)[0].decode(_python_codec(descriptor.encoding), errors="replace")
+                text = raw.split(b"\x00", 1)[0].decode(python_codec(descriptor.encoding), errors="replace")
         backing, reference = cls._open_parent(path, descriptor, opener)
         try:
             return cls(path, virtual_size=extent.length, subformat=subformat, files=[file], writable=writable,
@@ -1406,7 +1408,7 @@ class VmdkImage(DiskImage):
             extents.append(extent)
             start += extent.length
         backing, reference = cls._open_parent(path, descriptor, opener)
-        text = raw.decode(_python_codec(descriptor.encoding), errors="replace")
+        text = raw.decode(python_codec(descriptor.encoding), errors="replace")
         try:
             return cls(path, virtual_size=start, subformat=descriptor.create_type, files=list(opened),
                        writable=writable, backing=backing, backing_reference=reference, descriptor=descriptor,
@@ -1667,7 +1669,7 @@ class VmdkImage(DiskImage):
             return
         cid = new_cid()
         text = with_new_cid(self._descriptor_text, cid)
-        encoded = text.encode(_python_codec(self.descriptor.encoding))
+        encoded = text.encode(python_codec(self.descriptor.encoding))
         if self._descriptor_area:
             if len(encoded) > self._descriptor_area:
                 return
@@ -1725,11 +1727,3 @@ class VmdkImage(DiskImage):
             result.image_end_offset = self.files[0].size
         return result
 
-
-def _python_codec(encoding: str) -> str:
-    import codecs
-
-    try:
-        return codecs.lookup(encoding).name
-    except LookupError:
-        return "utf-8"

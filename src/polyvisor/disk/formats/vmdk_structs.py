@@ -182,7 +182,7 @@ class Descriptor:
 
     def encode(self) -> bytes:
         """The rendered text in the descriptor's encoding."""
-        return self.render().encode(_codec(self.encoding))
+        return self.render().encode(python_codec(self.encoding))
 
 
 _EXTENT_RE = re.compile(
@@ -192,12 +192,15 @@ _KEY_RE = re.compile(r"^([A-Za-z][A-Za-z0-9_.:-]*)\s*=\s*(.*)$")
 _ENCODING_RE = re.compile(rb'^\s*encoding\s*=\s*"?([A-Za-z0-9_.:-]+)"?\s*$', re.MULTILINE)
 
 
-def _codec(encoding: str) -> str:
-    """The Python codec for a descriptor ``encoding`` (VMware writes e.g. UTF-8, windows-1252, GBK)."""
+def python_codec(encoding: str) -> str:
+    """The Python codec for a descriptor ``encoding`` (VMware writes e.g. UTF-8, windows-1252, GBK).
+
+    Unknown names fall back to UTF-8; :func:`parse_descriptor` refuses them first.
+    """
     try:
         return codecs.lookup(encoding).name
     except LookupError:
-        raise UnsupportedFeature("descriptor", f"unknown descriptor encoding {encoding!r}") from None
+        return "utf-8"
 
 
 def _unquote(value: str) -> str:
@@ -231,9 +234,12 @@ def parse_descriptor(raw: bytes, path: Path) -> Descriptor:
     match = _ENCODING_RE.search(raw)
     encoding = match.group(1).decode("ascii") if match else "UTF-8"
     try:
-        text = raw.decode(_codec(encoding))
-    except UnsupportedFeature as exc:
-        raise UnsupportedFeature(path, exc.reason, structure="VMDK descriptor") from None
+        codec = codecs.lookup(encoding).name
+    except LookupError:
+        raise UnsupportedFeature(path, f"unknown descriptor encoding {encoding!r}",
+                                 structure="VMDK descriptor") from None
+    try:
+        text = raw.decode(codec)
     except UnicodeDecodeError as exc:
         raise CorruptImage(path, f"descriptor is not valid {encoding}: {exc.reason}",
                            structure="VMDK descriptor", offset=exc.start) from None
