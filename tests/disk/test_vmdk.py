@@ -708,3 +708,26 @@ def test_qemu_writes_into_polyvisor_images(subformat: str, workdir: Path) -> Non
     oracle = qemu_to_raw(image, "vmdk", workdir / "oracle.raw").read_bytes()
     assert read_all(image) == oracle
     assert check_image(image).clean
+
+
+def test_write_allocates_missing_grain_tables(workdir: Path) -> None:
+    """A GD entry of 0 (no grain table yet): polyvisor appends the table (and its redundant copy)."""
+    image = workdir / "g.vmdk"
+    size = 64 * MIB
+    make_sparse(image, [(0, b"\x01" * 4096)], size=size)
+    for directory in (56, 48):  # GD, then redundant GD: entry of grain table 1 (32-64 MiB)
+        gd = header_field(image, directory, "<Q") * 512
+        poke(image, gd + 4, struct.pack("<I", 0))
+    with open_image(image, writable=True) as opened:
+        opened.write(40 * MIB + 3, b"\x02" * 100_000)
+        opened.write(0, b"\x03" * 10)
+    new_table = header_field(image, header_field(image, 56, "<Q") * 512 + 4, "<I")
+    assert new_table >= header_field(image, 64, "<Q")  # appended after the preallocated metadata
+    qemu_check(image, "vmdk")
+    reference = reference_raw(workdir / "ref.raw", size, [(0, b"\x01" * 4096), (40 * MIB + 3, b"\x02" * 100_000),
+                                                           (0, b"\x03" * 10)])
+    qemu_compare(image, "vmdk", reference, "raw")
+    result = check_image(image)
+    assert result.clean, result.problems
+    qemu_io(image, "vmdk", f"write -P 0x44 {50 * MIB} {MIB}")
+    assert check_image(image).clean

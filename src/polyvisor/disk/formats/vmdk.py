@@ -826,28 +826,28 @@ class _SparseExtent(_Extent):
 
     def _check_plain_grains(self, result: CheckResult, name: str, file_sectors: int,
                             sorted_gts: array[int]) -> None:
-        """Uncompressed grains: in range, clear of metadata, not shared; unreferenced space is leaked."""
+        """Uncompressed grains: in range, clear of metadata, not shared; unreferenced space is leaked.
+
+        The file after the metadata is seen as grain-sized slots: grains on
+        that grid own one slot each (two grains in one slot overlap); grains
+        off the grid (after a grain table appended at the end) are checked
+        against the grid grains and against each other in sorted order.
+        """
         base = self.header.overhead
         gs = self.grain_sectors
-        slots = max(0, (file_sectors - base) // gs) if file_sectors > base else 0
-        used = bytearray(-(-slots // 8) if slots else 0)
-        loose = array("Q")  # grains off the grain grid (bounded)
-        allocated = total = 0
+        slots = max(0, (file_sectors - base) // gs)
+        grid = bytearray(-(-slots // 8))  # slots owned by grains on the grid
+        other = bytearray(len(grid))  # slots touched by appended grain tables and off-grid grains
+        loose = array("Q")  # off-grid grains (bounded)
+        allocated = 0
 
-        def mark(sector_a: int, sector_b: int) -> bool:
-            """Mark the slots [a, b) touches; True if one was already marked."""
-            clash = False
-            for slot in range(max(0, (sector_a - base) // gs), min(slots, -(-(sector_b - base) // gs))):
-                if used[slot >> 3] & (1 << (slot & 7)):
-                    clash = True
-                used[slot >> 3] |= 1 << (slot & 7)
-            return clash
+        def touched(sector_a: int, sector_b: int) -> range:
+            return range(max(0, (sector_a - base) // gs), min(slots, -(-(sector_b - base) // gs)))
 
         for gt_sector in sorted_gts:
-            if gt_sector + self.gt_sectors > base:
-                mark(max(gt_sector, base), gt_sector + self.gt_sectors)
+            for slot in touched(max(gt_sector, base), gt_sector + self.gt_sectors):
+                other[slot >> 3] |= 1 << (slot & 7)
         for _index, entry, where in self._entries(result, name):
-            total += 1
             if entry == GTE_ZEROED and self.zeroed_grains:
                 continue
             allocated += 1
@@ -866,18 +866,22 @@ class _SparseExtent(_Extent):
                     loose.append(entry)
                 continue
             slot = (entry - base) // gs
-            if used[slot >> 3] & (1 << (slot & 7)):
+            if grid[slot >> 3] & (1 << (slot & 7)):
                 result.corruption(name, f"grain at sector {entry} is used twice or overlaps another grain", where)
-            used[slot >> 3] |= 1 << (slot & 7)
+            grid[slot >> 3] |= 1 << (slot & 7)
         previous_end = -1
         for entry in sorted(loose):
-            if entry < previous_end or mark(entry, entry + gs):
+            slots_here = touched(entry, entry + gs)
+            if entry < previous_end or any(grid[s >> 3] & (1 << (s & 7)) for s in slots_here):
                 result.corruption(name, f"grain at sector {entry} overlaps another grain", entry * SECTOR)
+            for slot in slots_here:
+                other[slot >> 3] |= 1 << (slot & 7)
             previous_end = entry + gs
         result.allocated_units = (result.allocated_units or 0) + allocated
         result.total_units = (result.total_units or 0) + -(-self.length // self.grain_bytes)
-        free = slots - int.from_bytes(used, "little").bit_count()
-        if free > 0 and slots:
+        used = int.from_bytes(grid, "little") | int.from_bytes(other, "little")
+        free = slots - used.bit_count()
+        if free > 0:
             result.leak(name, f"{free} grain-sized areas after the metadata are not referenced by any grain "
                         "table", base * SECTOR)
 
