@@ -639,6 +639,21 @@ def test_parent_cid_mismatch_and_loops(workdir: Path) -> None:
     hostile(a, UnsafeReference)
 
 
+def test_absolute_windows_parent_hint_found_beside(workdir: Path) -> None:
+    """VMware on Windows writes absolute hints; the parent beside the delta is used if its CID matches."""
+    base = workdir / "base.vmdk"
+    make_sparse(base, [(0, b"\x01" * 512)])
+    delta = workdir / "delta.vmdk"
+    with create_image(delta, "vmdk", None, backing_file="base.vmdk") as image:
+        image.write(GRAIN, b"\x02" * 512)
+    rewrite_embedded_descriptor(delta, lambda t: t.replace('"base.vmdk"', '"D:\\VMs\\old\\base.vmdk"'))
+    data = read_all(delta)
+    assert data[:512] == b"\x01" * 512
+    assert data[GRAIN : GRAIN + 512] == b"\x02" * 512
+    rewrite_embedded_descriptor(delta, lambda t: t.replace("base.vmdk", "other.vmdk"))
+    hostile(delta, UnsafeReference)
+
+
 def test_truncated_flat_extent_is_reported(workdir: Path) -> None:
     image = workdir / "f.vmdk"
     make_sparse(image, [(0, b"\x01" * 512)], subformat="monolithicFlat")

@@ -44,7 +44,7 @@ import zlib
 from array import array
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Self
 
 from polyvisor.disk.check import CheckResult
@@ -87,6 +87,7 @@ from polyvisor.disk.formats.vmdk_structs import (
     with_new_cid,
 )
 from polyvisor.disk.image import DiskImage, ExtentKind, ProbeSample, Run, is_zero
+from polyvisor.disk.paths import windows_path_to_relative
 from polyvisor.disk.registry import register_format
 from polyvisor.disk.structs import align_up
 from polyvisor.errors import (
@@ -97,6 +98,7 @@ from polyvisor.errors import (
     OperationFailed,
     ReadOnlyImage,
     TruncatedImage,
+    UnsafeReference,
     UnsupportedFeature,
     UnsupportedOption,
     UsageError,
@@ -1412,7 +1414,7 @@ class VmdkImage(DiskImage):
             extents.append(extent)
             start += extent.length
         backing, reference = cls._open_parent(path, descriptor, opener)
-        text = raw.decode(python_codec(descriptor.encoding), errors="replace")
+        text = raw.split(b"\x00", 1)[0].decode(python_codec(descriptor.encoding), errors="replace")
         try:
             return cls(path, virtual_size=start, subformat=descriptor.create_type, files=list(opened),
                        writable=writable, backing=backing, backing_reference=reference, descriptor=descriptor,
@@ -1470,7 +1472,16 @@ class VmdkImage(DiskImage):
         if not hint:
             raise CorruptImage(path, f"parentCID={descriptor.parent_cid:08x} but no parentFileNameHint names the "
                                "parent", structure="VMDK descriptor")
-        parent = opener.open_backing(path, hint, "vmdk", what="parent")
+        reference = windows_path_to_relative(hint)
+        try:
+            parent = opener.open_backing(path, reference, "vmdk", what="parent")
+        except (UnsafeReference, MissingReference):
+            # VMware on Windows writes absolute hints (D:\\VMs\\base.vmdk); a disk moved elsewhere keeps its
+            # parent beside it.  The CID check below still has to pass.
+            beside = PurePosixPath(reference).name
+            if not PurePosixPath(reference).is_absolute() or not beside or not (path.parent / beside).is_file():
+                raise
+            parent = opener.open_backing(path, beside, "vmdk", what="parent")
         if parent is None:
             return None, hint
         parent_cid = parent.cid if isinstance(parent, VmdkImage) else None
