@@ -33,6 +33,7 @@ is refused with any other subformat.
 
 from __future__ import annotations
 
+import abc
 import bisect
 import collections
 import itertools
@@ -230,7 +231,7 @@ def _zero_chunks(length: int) -> Iterator[memoryview]:
 # ------------------------------------------------------------------ extents
 
 
-class _Extent:
+class _Extent(abc.ABC):
     """One extent line: guest bytes ``[start, start + length)`` of the disk."""
 
     type_name = "?"
@@ -249,19 +250,19 @@ class _Extent:
         """First guest byte after the extent."""
         return self.start + self.length
 
+    @abc.abstractmethod
     def map(self, rel: int, length: int) -> Iterator[Run]:
         """Runs (at guest offsets) for extent bytes ``[rel, rel + length)``."""
-        raise NotImplementedError
 
     def write(self, rel: int, data: memoryview | None, length: int) -> None:
         """Store *data* (zeros when None) at extent offset *rel*."""
         raise ReadOnlyImage(self.image_path, f"{self.type_name} extent cannot be written",
                             structure=f"VMDK extent {self.filename or ''}".strip())
 
-    def flush_metadata(self) -> None:
+    def flush_metadata(self) -> None:  # noqa: B027 - only sparse extents cache metadata
         """Write cached metadata (grain tables) back."""
 
-    def check(self, result: CheckResult) -> None:
+    def check(self, result: CheckResult) -> None:  # noqa: B027 - zero and no-access extents have nothing to check
         """Report this extent's inconsistencies."""
 
     def describe(self) -> dict[str, Any]:
@@ -1476,7 +1477,7 @@ class VmdkImage(DiskImage):
         try:
             parent = opener.open_backing(path, reference, "vmdk", what="parent")
         except (UnsafeReference, MissingReference):
-            # VMware on Windows writes absolute hints (D:\\VMs\\base.vmdk); a disk moved elsewhere keeps its
+            # VMware on Windows writes absolute hints (D:\VMs\base.vmdk); a disk moved elsewhere keeps its
             # parent beside it.  The CID check below still has to pass.
             beside = PurePosixPath(reference).name
             if not PurePosixPath(reference).is_absolute() or not beside or not (path.parent / beside).is_file():
