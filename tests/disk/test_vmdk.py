@@ -530,6 +530,13 @@ def test_hostile_capacity(sparse: Path) -> None:
 def test_hostile_gd_offset_past_eof(sparse: Path) -> None:
     poke(sparse, 56, struct.pack("<Q", 1 << 30))
     hostile(sparse, TruncatedImage, "grain directory")
+    poke(sparse, 56, struct.pack("<Q", 1 << 62))
+    hostile(sparse, TruncatedImage, "grain directory")
+
+
+def test_hostile_descriptor_offset_past_eof(sparse: Path) -> None:
+    poke(sparse, 28, struct.pack("<Q", 1 << 60))
+    hostile(sparse, TruncatedImage, "descriptor")
 
 
 @pytest.mark.parametrize("entry", [5, 1, 0xFFFFFF])

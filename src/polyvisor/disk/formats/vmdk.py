@@ -1377,6 +1377,9 @@ class VmdkImage(DiskImage):
                 raise LimitExceeded(path, f"embedded descriptor of {header.descriptor_size} sectors is longer than "
                                     f"{MAX_DESCRIPTOR_BYTES} bytes", structure="VMDK sparse extent header",
                                     offset=36)
+            if (header.descriptor_offset + header.descriptor_size) * SECTOR > file.size:
+                raise TruncatedImage(path, f"embedded descriptor at sector {header.descriptor_offset} lies past "
+                                     "the end of the file", structure="VMDK sparse extent header", offset=28)
             raw = file.read(header.descriptor_offset * SECTOR, area, "VMDK embedded descriptor")
             if raw.strip(b"\x00"):
                 descriptor = parse_descriptor(raw, path)
