@@ -439,6 +439,8 @@ def test_descriptor_parse_render_roundtrip(workdir: Path) -> None:
     assert desc.ddb == {"ddb.adapterType": "buslogic", "ddb.other": "x y"}
     again = parse_descriptor(desc.encode(), workdir / "d.vmdk")
     assert (again.extents, again.ddb, again.header["isNativeSnapshot"]) == (desc.extents, desc.ddb, "no")
+    bom = parse_descriptor(b"\xef\xbb\xbf" + text.encode("cp1252"), workdir / "d.vmdk")
+    assert bom.extents == desc.extents
     rendered = Descriptor(cid=1, create_type="monolithicFlat",
                           extents=[ExtentLine("RW", 8, "FLAT", "f.bin", 0)]).render()
     assert 'RW 8 FLAT "f.bin" 0' in rendered

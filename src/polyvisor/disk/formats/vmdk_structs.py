@@ -59,6 +59,7 @@ ADAPTER_TYPES = ("ide", "lsilogic", "buslogic", "legacyESX")
 ACCESS_MODES = ("RW", "RDONLY", "NOACCESS")
 EXTENT_TYPES = ("FLAT", "SPARSE", "ZERO", "VMFS", "VMFSSPARSE", "VMFSRDM", "VMFSRAW", "SESPARSE")
 NO_PARENT_CID = 0xFFFFFFFF
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(slots=True)
@@ -230,7 +231,7 @@ def parse_descriptor(raw: bytes, path: Path) -> Descriptor:
     if len(raw) > MAX_DESCRIPTOR_BYTES:
         raise LimitExceeded(path, f"descriptor of {len(raw)} bytes is longer than {MAX_DESCRIPTOR_BYTES}",
                             structure="VMDK descriptor")
-    raw = raw.split(b"\x00", 1)[0]
+    raw = raw.split(b"\x00", 1)[0].removeprefix(UTF8_BOM)
     match = _ENCODING_RE.search(raw)
     encoding = match.group(1).decode("ascii") if match else "UTF-8"
     try:
@@ -295,7 +296,7 @@ def parse_descriptor(raw: bytes, path: Path) -> Descriptor:
 
 def looks_like_descriptor(head: bytes) -> bool:
     """Whether a file starts like a text descriptor: comments or blanks, then ``version=N``, and a createType."""
-    for line in head[:4096].split(b"\n"):
+    for line in head[:4096].removeprefix(UTF8_BOM).split(b"\n"):
         stripped = line.strip()
         if not stripped or stripped.startswith(b"#"):
             continue
