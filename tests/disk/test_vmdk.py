@@ -630,6 +630,8 @@ def test_parent_cid_mismatch_and_loops(workdir: Path) -> None:
     with create_image(delta, "vmdk", None, backing_file="base.vmdk") as image:
         image.write(GRAIN, b"\x02" * 512)
     assert read_all(delta)[:512] == b"\x01" * 512
+    with pytest.raises(ReadOnlyImage, match="parent"):
+        open_image(delta, writable=True, follow_backing=False)
     with open_image(base, writable=True) as image:  # the parent changes: a new CID
         image.write(0, b"\x03" * 512)
     hostile(delta, BackingChainError, "parentCID")

@@ -1384,7 +1384,7 @@ class VmdkImage(DiskImage):
             if raw.strip(b"\x00"):
                 descriptor = parse_descriptor(raw, path)
                 text = raw.split(b"\x00", 1)[0].decode(python_codec(descriptor.encoding), errors="replace")
-        backing, reference = cls._open_parent(path, descriptor, opener)
+        backing, reference = cls._open_parent(path, descriptor, opener, writable=writable)
         try:
             return cls(path, virtual_size=extent.length, subformat=subformat, files=[file], writable=writable,
                        backing=backing, backing_reference=reference, descriptor=descriptor,
@@ -1417,7 +1417,7 @@ class VmdkImage(DiskImage):
                                       by_path=by_path, opened=opened)
             extents.append(extent)
             start += extent.length
-        backing, reference = cls._open_parent(path, descriptor, opener)
+        backing, reference = cls._open_parent(path, descriptor, opener, writable=writable)
         text = raw.split(b"\x00", 1)[0].decode(python_codec(descriptor.encoding), errors="replace")
         try:
             return cls(path, virtual_size=start, subformat=descriptor.create_type, files=list(opened),
@@ -1467,8 +1467,8 @@ class VmdkImage(DiskImage):
                                   stream_layout=from_footer)
 
     @classmethod
-    def _open_parent(cls, path: Path, descriptor: Descriptor | None,
-                     opener: Opener) -> tuple[DiskImage | None, str | None]:
+    def _open_parent(cls, path: Path, descriptor: Descriptor | None, opener: Opener, *,
+                     writable: bool) -> tuple[DiskImage | None, str | None]:
         """The parent of a delta disk, its CID checked against parentCID (VDF "Delta Links")."""
         if descriptor is None or descriptor.parent_cid == NO_PARENT_CID:
             return None, None
@@ -1487,6 +1487,9 @@ class VmdkImage(DiskImage):
                 raise
             parent = opener.open_backing(path, beside, "vmdk", what="parent")
         if parent is None:
+            if writable:
+                raise ReadOnlyImage(path, "a delta disk is written only with its parent open (partial grains are "
+                                    "completed from it)", structure="VMDK descriptor")
             return None, hint
         parent_cid = parent.cid if isinstance(parent, VmdkImage) else None
         if parent_cid != descriptor.parent_cid:
