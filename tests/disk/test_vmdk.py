@@ -166,14 +166,20 @@ def test_qemu_delta_chain(workdir: Path) -> None:
     delta = workdir / "delta.vmdk"
     qemu_img("create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", str(delta))
     qemu_io(delta, "vmdk", f"write -P 0x77 {GRAIN + 512} 1000", f"write -P 0x78 {5 * MIB} {MIB}")
-    oracle = qemu_to_raw(delta, "vmdk", workdir / "oracle.raw").read_bytes()
-    assert read_all(delta) == oracle
-    with open_image(delta) as opened:
+    top = workdir / "top.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", "-b", "delta.vmdk", "-F", "vmdk", str(top))
+    qemu_io(top, "vmdk", f"write -P 0x79 {5 * MIB + 4096} 4096")
+    for image in (delta, top):
+        oracle = qemu_to_raw(image, "vmdk", workdir / "oracle.raw").read_bytes()
+        assert read_all(image) == oracle
+    assert oracle[5 * MIB : 5 * MIB + 4096] == b"\x78" * 4096
+    assert oracle[5 * MIB + 4096 : 5 * MIB + 8192] == b"\x79" * 4096
+    with open_image(top) as opened:
         info = opened.info()
-        assert info.backing[0]["reference"] == "base.vmdk"
-        assert info.details["parent_cid"] == details(base)["cid"]
+        assert [b["reference"] for b in info.backing if "reference" in b] == ["delta.vmdk", "base.vmdk"]
+        assert info.details["parent_cid"] == details(delta)["cid"]
         depths = {e.depth for e in opened.map() if e.kind is ExtentKind.DATA}
-        assert depths == {0, 1}
+        assert depths == {0, 1, 2}
         assert opened.check().clean
 
 
