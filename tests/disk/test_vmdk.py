@@ -763,3 +763,16 @@ def test_write_allocates_missing_grain_tables(workdir: Path) -> None:
     assert result.clean, result.problems
     qemu_io(image, "vmdk", f"write -P 0x44 {50 * MIB} {MIB}")
     assert check_image(image).clean
+
+
+def test_extents_sharing_a_file_are_read_only(workdir: Path) -> None:
+    make_sparse(workdir / "t.vmdk", [(0, b"\x01" * 512)], size=MIB, subformat="twoGbMaxExtentSparse")
+    shared = workdir / "shared.vmdk"
+    write_descriptor(shared, [f'RW {MIB // 512} SPARSE "t-s001.vmdk"'] * 2, create_type="twoGbMaxExtentSparse")
+    assert read_all(shared) == (b"\x01" * 512 + bytes(MIB - 512)) * 2
+    with pytest.raises(ReadOnlyImage, match="shares its file"):
+        open_image(shared, writable=True)
+    itself = workdir / "itself.vmdk"
+    write_descriptor(itself, ['RW 1 FLAT "itself.vmdk" 0'])
+    with pytest.raises(ReadOnlyImage, match="shares its file"):
+        open_image(itself, writable=True)

@@ -1417,6 +1417,8 @@ class VmdkImage(DiskImage):
                                       by_path=by_path, opened=opened)
             extents.append(extent)
             start += extent.length
+        if writable:
+            cls._refuse_shared_files(path, extents)
         backing, reference = cls._open_parent(path, descriptor, opener, writable=writable)
         text = raw.split(b"\x00", 1)[0].decode(python_codec(descriptor.encoding), errors="replace")
         try:
@@ -1427,6 +1429,22 @@ class VmdkImage(DiskImage):
             if backing is not None:
                 backing.close()
             raise
+
+    @staticmethod
+    def _refuse_shared_files(path: Path, extents: list[_Extent]) -> None:
+        """Writing is refused when a sparse extent shares its file, or an extent is the descriptor itself.
+
+        Two extents allocating grains at the end of one file would overwrite each other.
+        """
+        own = Path(os.path.abspath(path)).resolve()
+        users = collections.Counter(Path(e.file.path) for e in extents if e.file is not None)
+        for extent in extents:
+            if extent.file is None or extent.access != "RW":
+                continue
+            target = Path(extent.file.path)
+            if target == own or (isinstance(extent, _SparseExtent) and users[target] > 1):
+                raise ReadOnlyImage(path, f"extent {extent.filename!r} shares its file with another extent or the "
+                                    "descriptor; such a disk is opened read-only", structure="VMDK descriptor")
 
     @classmethod
     def _open_extent(cls, path: Path, line: ExtentLine, number: int, start: int, *, writable: bool,
