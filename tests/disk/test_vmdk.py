@@ -6,6 +6,7 @@ import os
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,8 @@ GRAIN = 64 << 10
 SIZE = 8 * MIB
 
 
-def read_all(path: Path, **kwargs: object) -> bytes:
-    with open_image(path, **kwargs) as image:  # type: ignore[arg-type]
+def read_all(path: Path) -> bytes:
+    with open_image(path) as image:
         return image.read(0, image.virtual_size)
 
 
@@ -70,20 +71,20 @@ def grain_table_entry_offset(path: Path, grain_index: int) -> int:
     return gt_sector * 512 + 4 * (grain_index % 512)
 
 
-def rewrite_embedded_descriptor(path: Path, edit: object) -> None:
+def rewrite_embedded_descriptor(path: Path, edit: Callable[[str], str]) -> None:
     """Replace the embedded descriptor text with ``edit(text)``."""
     offset = header_field(path, 28, "<Q") * 512
     size = header_field(path, 36, "<Q") * 512
     with open(path, "r+b") as f:
         f.seek(offset)
         text = f.read(size).split(b"\0", 1)[0].decode()
-        new = edit(text).encode()  # type: ignore[operator]
+        new = edit(text).encode()
         assert len(new) <= size
         f.seek(offset)
         f.write(new + bytes(size - len(new)))
 
 
-def make_sparse(path: Path, writes: list[tuple[int, bytes]], size: int = SIZE, **options: str) -> None:
+def make_image(path: Path, writes: list[tuple[int, bytes]], size: int = SIZE, **options: str) -> None:
     with create_image(path, "vmdk", size, CreateOptions.from_mapping(options)) as image:
         apply_writes(image, writes)
 
@@ -208,7 +209,7 @@ def test_polyvisor_subformats_descriptor_and_qemu(subformat: str, adapter: str, 
     size = 5 * MIB + 512
     image = workdir / "disk.vmdk"
     writes = scattered_writes(size, seed=3, count=8)
-    make_sparse(image, writes, size, subformat=subformat, adapter_type=adapter)
+    make_image(image, writes, size, subformat=subformat, adapter_type=adapter)
     reference = reference_raw(workdir / "ref.raw", size, writes)
     qemu_check(image, "vmdk")
     qemu_compare(image, "vmdk", reference, "raw")
@@ -290,7 +291,7 @@ def test_stream_in_order_and_out_of_order(workdir: Path) -> None:
 
 def test_stream_layout_markers_and_footer(workdir: Path) -> None:
     image = workdir / "s.vmdk"
-    make_sparse(image, [(0, b"\x01" * GRAIN), (40 * MIB, b"\x02" * 100)], size=64 * MIB,
+    make_image(image, [(0, b"\x01" * GRAIN), (40 * MIB, b"\x02" * 100)], size=64 * MIB,
                 subformat="streamOptimized")
     raw = image.read_bytes()
     assert raw[:4] == b"KDMV"
@@ -338,7 +339,7 @@ def test_polyvisor_delta_over_qemu_and_polyvisor_bases(workdir: Path) -> None:
             qemu_create(base, "vmdk", SIZE)
             qemu_io(base, "vmdk", *qemu_io_commands(SIZE, seed=4))
         else:
-            make_sparse(base, scattered_writes(SIZE, seed=4, count=12))
+            make_image(base, scattered_writes(SIZE, seed=4, count=12))
         base_raw = qemu_to_raw(base, "vmdk", workdir / "base.raw")
         delta = workdir / f"{maker}-delta.vmdk"
         writes = [(GRAIN + 100, b"\x99" * 300), (3 * MIB - 10, b"\x98" * 20), (SIZE - 4096, bytes(4096))]
@@ -356,7 +357,7 @@ def test_polyvisor_delta_over_qemu_and_polyvisor_bases(workdir: Path) -> None:
 
 
 def test_delta_refuses_other_subformats_and_backing_formats(workdir: Path) -> None:
-    make_sparse(workdir / "base.vmdk", [])
+    make_image(workdir / "base.vmdk", [])
     with pytest.raises(UnsupportedOption, match="monolithicSparse"):
         create_image(workdir / "d.vmdk", "vmdk", None, backing_file="base.vmdk", subformat="monolithicFlat")
     qemu_create(workdir / "base.raw", "raw", SIZE)
@@ -501,14 +502,14 @@ def hostile(path: Path, error: type[PolyvisorError], match: str | None = None) -
 @pytest.fixture
 def sparse(workdir: Path) -> Path:
     path = workdir / "s.vmdk"
-    make_sparse(path, [(0, os.urandom(GRAIN)), (3 * MIB, b"\x33" * 1000)])
+    make_image(path, [(0, os.urandom(GRAIN)), (3 * MIB, b"\x33" * 1000)])
     return path
 
 
 @pytest.fixture
 def stream(workdir: Path) -> Path:
     path = workdir / "st.vmdk"
-    make_sparse(path, [(0, os.urandom(GRAIN)), (GRAIN, b"\x34" * GRAIN)], subformat="streamOptimized")
+    make_image(path, [(0, os.urandom(GRAIN)), (GRAIN, b"\x34" * GRAIN)], subformat="streamOptimized")
     return path
 
 
@@ -631,7 +632,7 @@ def test_hostile_newline_damage(sparse: Path) -> None:
 
 def test_parent_cid_mismatch_and_loops(workdir: Path) -> None:
     base = workdir / "base.vmdk"
-    make_sparse(base, [(0, b"\x01" * 512)])
+    make_image(base, [(0, b"\x01" * 512)])
     delta = workdir / "delta.vmdk"
     with create_image(delta, "vmdk", None, backing_file="base.vmdk") as image:
         image.write(GRAIN, b"\x02" * 512)
@@ -643,8 +644,8 @@ def test_parent_cid_mismatch_and_loops(workdir: Path) -> None:
     hostile(delta, BackingChainError, "parentCID")
     # a -> b -> a
     a, b = workdir / "a.vmdk", workdir / "b.vmdk"
-    make_sparse(a, [])
-    make_sparse(b, [])
+    make_image(a, [])
+    make_image(b, [])
     cid_a, cid_b = str(details(a)["cid"]), str(details(b)["cid"])
     rewrite_embedded_descriptor(a, lambda t: t.replace("parentCID=ffffffff",
                                                        f'parentCID={cid_b}\nparentFileNameHint="b.vmdk"'))
@@ -659,7 +660,7 @@ def test_parent_cid_mismatch_and_loops(workdir: Path) -> None:
 def test_absolute_windows_parent_hint_found_beside(workdir: Path) -> None:
     """VMware on Windows writes absolute hints; the parent beside the delta is used if its CID matches."""
     base = workdir / "base.vmdk"
-    make_sparse(base, [(0, b"\x01" * 512)])
+    make_image(base, [(0, b"\x01" * 512)])
     delta = workdir / "delta.vmdk"
     with create_image(delta, "vmdk", None, backing_file="base.vmdk") as image:
         image.write(GRAIN, b"\x02" * 512)
@@ -673,7 +674,7 @@ def test_absolute_windows_parent_hint_found_beside(workdir: Path) -> None:
 
 def test_truncated_flat_extent_is_reported(workdir: Path) -> None:
     image = workdir / "f.vmdk"
-    make_sparse(image, [(0, b"\x01" * 512)], subformat="monolithicFlat")
+    make_image(image, [(0, b"\x01" * 512)], subformat="monolithicFlat")
     with open(workdir / "f-flat.vmdk", "r+b") as f:
         f.truncate(4096)
     result = check_image(image)
@@ -723,7 +724,7 @@ def test_check_finds_stream_table_marker_damage(stream: Path) -> None:
 
 def test_descriptor_and_extent_capacity_mismatch(workdir: Path) -> None:
     image = workdir / "t.vmdk"
-    make_sparse(image, [(0, b"\x01" * 512)], subformat="twoGbMaxExtentSparse")
+    make_image(image, [(0, b"\x01" * 512)], subformat="twoGbMaxExtentSparse")
     text = image.read_text()
     image.write_text(text.replace(f"RW {SIZE // 512} SPARSE", f"RW {SIZE // 512 - 8} SPARSE"))
     hostile(image, CorruptImage, "header")
@@ -734,7 +735,7 @@ def test_descriptor_and_extent_capacity_mismatch(workdir: Path) -> None:
 def test_qemu_writes_into_polyvisor_images(subformat: str, workdir: Path) -> None:
     image = workdir / "p.vmdk"
     writes = scattered_writes(SIZE, seed=12, count=8)
-    make_sparse(image, writes, subformat=subformat)
+    make_image(image, writes, subformat=subformat)
     qemu_io(image, "vmdk", *qemu_io_commands(SIZE, seed=13))
     qemu_check(image, "vmdk")
     oracle = qemu_to_raw(image, "vmdk", workdir / "oracle.raw").read_bytes()
@@ -746,7 +747,7 @@ def test_write_allocates_missing_grain_tables(workdir: Path) -> None:
     """A GD entry of 0 (no grain table yet): polyvisor appends the table (and its redundant copy)."""
     image = workdir / "g.vmdk"
     size = 64 * MIB
-    make_sparse(image, [(0, b"\x01" * 4096)], size=size)
+    make_image(image, [(0, b"\x01" * 4096)], size=size)
     for directory in (56, 48):  # GD, then redundant GD: entry of grain table 1 (32-64 MiB)
         gd = header_field(image, directory, "<Q") * 512
         poke(image, gd + 4, struct.pack("<I", 0))
@@ -766,7 +767,7 @@ def test_write_allocates_missing_grain_tables(workdir: Path) -> None:
 
 
 def test_extents_sharing_a_file_are_read_only(workdir: Path) -> None:
-    make_sparse(workdir / "t.vmdk", [(0, b"\x01" * 512)], size=MIB, subformat="twoGbMaxExtentSparse")
+    make_image(workdir / "t.vmdk", [(0, b"\x01" * 512)], size=MIB, subformat="twoGbMaxExtentSparse")
     shared = workdir / "shared.vmdk"
     write_descriptor(shared, [f'RW {MIB // 512} SPARSE "t-s001.vmdk"'] * 2, create_type="twoGbMaxExtentSparse")
     assert read_all(shared) == (b"\x01" * 512 + bytes(MIB - 512)) * 2
