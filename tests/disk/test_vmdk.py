@@ -754,6 +754,7 @@ def test_write_allocates_missing_grain_tables(workdir: Path) -> None:
     with open_image(image, writable=True) as opened:
         opened.write(40 * MIB + 3, b"\x02" * 100_000)
         opened.write(0, b"\x03" * 10)
+        assert opened.check().clean  # while tables are still cached
     new_table = header_field(image, header_field(image, 56, "<Q") * 512 + 4, "<I")
     assert new_table >= header_field(image, 64, "<Q")  # appended after the preallocated metadata
     qemu_check(image, "vmdk")

@@ -1752,6 +1752,8 @@ class VmdkImage(DiskImage):
     def check(self) -> CheckResult:
         """Descriptor against extents, then each extent's own metadata."""
         result = CheckResult(filename=str(self.path), format=self.format_name)
+        if self.writable and self._stream is None:
+            self._write_metadata()  # the redundant grain tables on disk catch up with the cached ones
         desc = self.descriptor
         if desc is not None and self._descriptor_area and self._extents:
             described = sum(line.sectors for line in desc.extents)
