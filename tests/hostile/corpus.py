@@ -539,10 +539,11 @@ def _stream_bomb(folder: Path) -> Path:
     return path
 
 
-@case("vmdk", "streamOptimized without its footer and end-of-stream marker")
+@case("vmdk", "streamOptimized whose grain directory is in the footer, without the footer")
 def _stream_no_footer(folder: Path) -> Path:
     path = converted_by_qemu(folder, "disk.vmdk", "vmdk", "subformat=streamOptimized")
-    truncate(path, path.stat().st_size - 1536)
+    patch(path, 56, struct.pack("<Q", 0xFFFFFFFFFFFFFFFF))  # GD_AT_END: the footer's header says where
+    truncate(path, path.stat().st_size - 1536)  # drop footer marker, footer and end-of-stream marker
     return path
 
 

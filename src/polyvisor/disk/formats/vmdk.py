@@ -1290,6 +1290,14 @@ def _split_names(path: Path, letter: str, count: int) -> list[str]:
     return [f"{stem}-{letter}{i:03d}{suffix}" for i in range(1, count + 1)]
 
 
+#: createType values of descriptor files whose extents polyvisor reads (VMDK 5.0 spec, "Disk Descriptor
+#: File"): hosted and ESXi file-backed types.  Device-backed types (fullDevice, partitionedDevice,
+#: vmfsRaw, vmfsRawDeviceMap, vmfsPassthroughRawDeviceMap) and unknown ones are refused.
+READABLE_CREATE_TYPES = frozenset({
+    "monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "streamOptimized",
+    "vmfs", "vmfsThin", "vmfsPreallocated", "vmfsEagerZeroedThick", "vmfsSparse", "seSparse", "custom",
+})
+
 @register_format
 class VmdkImage(DiskImage):
     """A VMDK disk: a descriptor and its extents (see the module docstring)."""
@@ -1407,6 +1415,10 @@ class VmdkImage(DiskImage):
             raise CorruptImage(path, "neither a sparse extent (KDMV) nor a text descriptor", structure="VMDK",
                                offset=0)
         descriptor = parse_descriptor(raw, path)
+        if descriptor.create_type not in READABLE_CREATE_TYPES:
+            raise UnsupportedFeature(path, f"createType {descriptor.create_type!r} is not a disk type polyvisor "
+                                     "reads (device-backed and unknown types are refused)",
+                                     structure="VMDK descriptor")
         if not descriptor.extents:
             raise CorruptImage(path, "descriptor lists no extents", structure="VMDK descriptor")
         extents: list[_Extent] = []
