@@ -95,7 +95,7 @@ from polyvisor.disk.formats.qcow2_structs import (
     Extensions,
     Header,
     RefcountCodec,
-    compress_cluster,
+    compress_clusters,
     decompress_cluster,
     entries_from_bytes,
     entries_to_bytes,
@@ -127,7 +127,9 @@ REFBLOCK_CACHE_BYTES = 8 << 20
 #: Threads compressing clusters (the benchmark machine has 2 cores).
 COMPRESS_WORKERS = 2
 #: Uncompressed bytes queued for compression before the oldest result is waited for.
-COMPRESS_INFLIGHT_BYTES = 32 << 20
+COMPRESS_INFLIGHT_BYTES = 16 << 20
+#: Uncompressed bytes handed to a compression thread at once (many small clusters make one job).
+COMPRESS_BATCH_BYTES = 256 << 10
 #: Bytes of partially written clusters buffered in compressed mode.
 PARTIAL_CLUSTER_BYTES = 32 << 20
 #: Host clusters counted per pass of ``check`` (2 bytes each): one pass up to 2 TiB files at 64 KiB clusters.
@@ -229,8 +231,10 @@ class Qcow2Image(DiskImage):
         self._end_cluster = 0
         self._compress_output = False
         self._pool: ThreadPoolExecutor | None = None
-        self._queue: deque[tuple[int, Future[bytes | None], bytes]] = deque()
+        self._batch: list[tuple[int, bytes]] = []
+        self._queue: deque[tuple[list[tuple[int, bytes]], Future[list[bytes | None]]]] = deque()
         self._queued: set[int] = set()
+        self._queued_bytes = 0
         self._partial: OrderedDict[int, _PartialCluster] = OrderedDict()
         self._compressed_cursor = 0
         self._metadata: list[tuple[int, int, str]] = []
@@ -405,7 +409,7 @@ class Qcow2Image(DiskImage):
                     yield (data, pos, stop - pos, host + pos - cluster_start, None, 0)
                 elif entry & OFLAG_COPIED:
                     raise CorruptImage(self.path, f"L2 entry for guest offset {cluster_start:#x} has the COPIED "
-                                       "flag but no cluster", structure="qcow2 L2 table",
+                                       "flag but points at offset 0, the image header", structure="qcow2 L2 table",
                                        offset=l2_offset + 8 * index)
                 else:
                     yield (unallocated, pos, stop - pos, 0, None, 0)
@@ -447,7 +451,7 @@ class Qcow2Image(DiskImage):
                 yield (ExtentKind.UNALLOCATED, s_start, s_end - s_start, 0, None, 0)
 
     def _map(self, offset: int, length: int) -> Iterator[Run]:
-        if self._queue:
+        if self._queued:
             self._settle_compression()
         kind: ExtentKind | None = None
         start = host = 0
@@ -549,6 +553,8 @@ class Qcow2Image(DiskImage):
             raise UsageError(f"{path}: the backing file name does not fit in a {cs}-byte header cluster")
         extensions += EXTENSION_HEADER.pack(EXT_END, 0)
         l1_clusters = -(-l1_size * 8 // cs)
+        reftable_clusters = _initial_reftable_clusters(cs, l1_clusters)
+        metadata_end = 1 + reftable_clusters + l1_clusters
         header = Header(
             version=version,
             backing_file_offset=header_length + len(extensions) if backing_name else 0,
@@ -557,9 +563,9 @@ class Qcow2Image(DiskImage):
             size=size,
             crypt_method=0,
             l1_size=l1_size,
-            l1_table_offset=2 * cs if l1_size else 0,
+            l1_table_offset=(1 + reftable_clusters) * cs if l1_size else 0,
             refcount_table_offset=cs,
-            refcount_table_clusters=1,
+            refcount_table_clusters=reftable_clusters,
             nb_snapshots=0,
             snapshots_offset=0,
             incompatible_features=INCOMPAT_COMPRESSION if compression != COMPRESSION_ZLIB else 0,
@@ -574,7 +580,7 @@ class Qcow2Image(DiskImage):
         try:
             file = outputs.create(path)
             file.write(0, head)
-            file.truncate((2 + l1_clusters) * cs)
+            file.truncate(metadata_end * cs)
             info = Extensions(backing_format=options.backing_fmt if backing_name else None)
             image = cls(path, file=file, header=header, extensions=info, writable=True, backing=backing,
                         backing_reference=options.backing_file or None, outputs=outputs)
@@ -582,10 +588,10 @@ class Qcow2Image(DiskImage):
             outputs.abort()
             raise
         image._l1 = array("Q", bytes(8 * l1_size))
-        image._reftable = array("Q", bytes(cs))
+        image._reftable = array("Q", bytes(reftable_clusters * cs))
         image._reftable_dirty = True
         image._header_dirty = True
-        image._end_cluster = 2 + l1_clusters
+        image._end_cluster = metadata_end
         image._count_new_clusters(0, image._end_cluster)
         image._compress_output = options.compress
         return image
@@ -657,9 +663,8 @@ class Qcow2Image(DiskImage):
         if index >= len(table):
             if not create:
                 return None
-            self._grow_reftable(index)
-            table = self._reftable
-            assert table is not None
+            self._grow_reftable(index)  # may itself create this block (the new table's clusters need counting)
+            return self._refblock(index, create=True)
         offset = table[index] & REFT_OFFSET_MASK
         if offset:
             data = self._file.read(offset, self._cluster_size, "qcow2 refcount block")
@@ -848,7 +853,7 @@ class Qcow2Image(DiskImage):
         if self._compress_output:
             self._write_compressed(offset, view)
         else:
-            if self._queue:
+            if self._queued:
                 self._settle_compression()
             self._write_plain(offset, view)
 
@@ -960,33 +965,45 @@ class Qcow2Image(DiskImage):
                 self._l2_dirty.add(l2_offset)
                 self._release(old)
                 return
+        self._batch.append((cluster, data))
+        self._queued.add(cluster)
+        if len(self._batch) * self._cluster_size >= COMPRESS_BATCH_BYTES:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Hand the current batch to a compression thread; store the oldest results beyond the bound."""
+        if not self._batch:
+            return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=COMPRESS_WORKERS, thread_name_prefix="qcow2-compress")
-        future = self._pool.submit(compress_cluster, data, self.header.compression_type)
-        self._queue.append((cluster, future, data))
-        self._queued.add(cluster)
-        while len(self._queue) * self._cluster_size > COMPRESS_INFLIGHT_BYTES:
+        blocks = [data for _, data in self._batch]
+        self._queue.append((self._batch, self._pool.submit(compress_clusters, blocks,
+                                                           self.header.compression_type)))
+        self._queued_bytes += len(blocks) * self._cluster_size
+        self._batch = []
+        while self._queued_bytes > COMPRESS_INFLIGHT_BYTES:
             self._store_next()
 
     def _store_next(self) -> None:
-        """Wait for the oldest queued cluster and store it (results are stored in submission order)."""
-        cluster, future, data = self._queue.popleft()
-        self._queued.discard(cluster)
-        compressed = future.result()
-        l2_offset, table = self._l2_for_write(cluster >> self._l2_bits)
-        index = cluster & (self._l2_entries - 1)
-        old = table[index]
-        if compressed is None:  # incompressible: stored as a normal cluster
-            host = self._alloc_clusters(1)
-            self._file.write(host, data)
-            new = host | OFLAG_COPIED
-        else:
-            host = self._alloc_compressed(len(compressed))
-            self._file.write(host, compressed)
-            new = self._compressed.make(host, len(compressed))
-        table[index] = new
-        self._l2_dirty.add(l2_offset)
-        self._release(old)
+        """Wait for the oldest job and store its clusters (results are stored in submission order)."""
+        batch, future = self._queue.popleft()
+        self._queued_bytes -= len(batch) * self._cluster_size
+        for (cluster, data), compressed in zip(batch, future.result(), strict=True):
+            self._queued.discard(cluster)
+            l2_offset, table = self._l2_for_write(cluster >> self._l2_bits)
+            index = cluster & (self._l2_entries - 1)
+            old = table[index]
+            if compressed is None:  # incompressible: stored as a normal cluster
+                host = self._alloc_clusters(1)
+                self._file.write(host, data)
+                new = host | OFLAG_COPIED
+            else:
+                host = self._alloc_compressed(len(compressed))
+                self._file.write(host, compressed)
+                new = self._compressed.make(host, len(compressed))
+            table[index] = new
+            self._l2_dirty.add(l2_offset)
+            self._release(old)
 
     def _alloc_compressed(self, length: int) -> int:
         """Byte-granular space for compressed data, packed after the previous cluster like qemu's allocator.
@@ -996,21 +1013,17 @@ class Qcow2Image(DiskImage):
         contiguous host cluster).
         """
         cb, cs = self._cluster_bits, self._cluster_size
-        cursor = self._compressed_cursor
-        if cursor & (cs - 1):
-            current = cursor >> cb
-            room = cs - (cursor & (cs - 1))
-            shareable = self._refcount(current) < self._refcounts.max_value
-            if shareable and length <= room:
-                self._refcount_add(current, 1)
-                self._compressed_cursor = cursor + length
-                return cursor
-            if shareable and self._end_cluster == current + 1:
-                self._refcount_add(current, 1)
+        start = self._compressed_cursor
+        current = start >> cb
+        room = cs - (start & (cs - 1))
+        if not start & (cs - 1) or self._refcount(current) >= self._refcounts.max_value or (
+            length > room and self._end_cluster != current + 1
+        ):
+            start = self._alloc_clusters(-(-length // cs))  # a fresh run of clusters
+        else:
+            self._refcount_add(current, 1)  # shares the current cluster (and continues into new ones)
+            if length > room:
                 self._alloc_clusters(-(-(length - room) // cs))
-                self._compressed_cursor = cursor + length
-                return cursor
-        start = self._alloc_clusters(-(-length // cs))
         if start + length >= 1 << self._compressed.offset_bits:
             raise LimitExceeded(self.path, "compressed data would lie beyond what a compressed cluster "
                                 "descriptor can address", structure="qcow2 compressed cluster")
@@ -1019,6 +1032,7 @@ class Qcow2Image(DiskImage):
 
     def _settle_compression(self) -> None:
         """Store every queued compressed cluster."""
+        self._dispatch()
         while self._queue:
             self._store_next()
 
@@ -1032,8 +1046,10 @@ class Qcow2Image(DiskImage):
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        self._batch.clear()
         self._queue.clear()
         self._queued.clear()
+        self._queued_bytes = 0
 
     # ------------------------------------------------------------ zeroing
 
@@ -1202,6 +1218,20 @@ class Qcow2Image(DiskImage):
 
 def _constant(data: bytes) -> bytes:
     return data
+
+
+def _initial_reftable_clusters(cs: int, l1_clusters: int) -> int:
+    """Clusters of a new image's refcount table: enough to count the header, itself, the L1 table and the
+    refcount blocks doing that counting, so that creating the image never has to move it."""
+    per_block = cs * 8 // 16
+    per_table_cluster = cs // 8
+    clusters = 1
+    while True:
+        counted = 1 + clusters + l1_clusters
+        blocks = -(-counted // (per_block - 1)) + 1
+        if clusters * per_table_cluster > blocks:
+            return clusters
+        clusters = -(-(blocks + 1) // per_table_cluster)
 
 
 # ==================================================================== header
@@ -1558,6 +1588,7 @@ class _Checker:
         if header.nb_snapshots:
             counter.add_range(header.snapshots_offset, self.snapshot_table_bytes)
         counter.add_range(header.refcount_table_offset, header.refcount_table_clusters * cs)
+        self.count_bitmaps(counter)
         for index, entry in enumerate(self.reftable):
             offset = entry & REFT_OFFSET_MASK
             if not offset:
@@ -1570,8 +1601,12 @@ class _Checker:
                 self.corruption("qcow2 refcount table", f"refcount block {index} at {offset:#x} is outside the "
                                 "image", where)
             else:
-                counter.add(offset >> self.cb)
-        self.count_bitmaps(counter)
+                cluster = offset >> self.cb
+                counter.add(cluster)
+                if counter.low <= cluster < counter.high and counter.value(cluster) != 1:
+                    # Counted after everything else: a second user means it overlaps other metadata.
+                    self.result.corruption("qcow2 refcount table", f"refcount block {index} at {offset:#x} is "
+                                           f"also used elsewhere (reference={counter.value(cluster)})", where)
 
     def budget(self, entries: int) -> None:
         self.walked += entries
@@ -1600,6 +1635,7 @@ class _Checker:
             if l2_offset & (cs - 1):
                 self.corruption("qcow2 L1 table", f"{label} entry {index}: L2 table {l2_offset:#x} is not "
                                 "cluster aligned", where)
+                counter.add_range(l2_offset, cs)  # counted all the same, as qemu-img check does
                 continue
             if l2_offset + cs > self.file_size:
                 self.corruption("qcow2 L1 table", f"{label} entry {index}: L2 table {l2_offset:#x} is past the "
@@ -1652,6 +1688,9 @@ class _Checker:
                 continue
             if host & (cs - 1):
                 self.corruption("qcow2 L2 table", f"cluster at {host:#x} is not properly aligned", where)
+                counter.add_range(host, cs)  # counted all the same, as qemu-img check does
+                if active and self.reporting:
+                    self.allocated += 1
                 continue
             if host >= self.file_size:
                 self.corruption("qcow2 L2 table", f"cluster at {host:#x} is past the end of the file", where)

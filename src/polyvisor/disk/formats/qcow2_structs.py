@@ -409,6 +409,11 @@ def compress_cluster(data: bytes, compression_type: int) -> bytes | None:
     return out if len(out) < len(data) else None
 
 
+def compress_clusters(blocks: list[bytes], compression_type: int) -> list[bytes | None]:
+    """:func:`compress_cluster` over a batch (one thread-pool job for many small clusters)."""
+    return [compress_cluster(block, compression_type) for block in blocks]
+
+
 def decompress_cluster(data: bytes, compression_type: int, cluster_size: int,
                        zstd_context: zstandard.ZstdDecompressor) -> bytes:
     """Exactly one cluster from compressed data; the input may run past the stream's end (sector padding)."""
