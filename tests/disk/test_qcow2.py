@@ -1014,3 +1014,42 @@ def test_check_counts_snapshot_references(workdir: Path) -> None:
         result = image.check()
     assert result.exit_code == report["exit"] == 2
     assert result.corruptions == report["corruptions"]
+
+
+def test_check_survives_an_l1_full_of_one_table(workdir: Path) -> None:
+    path = workdir / "wide.qcow2"
+    qemu_create(path, "qcow2", 1 << 40)  # 2048 L1 entries
+    qemu_io(path, "qcow2", "write -P 1 0 64K")
+    header = header_of(path)
+    l1_entry = get64(path, header.l1_table_offset)
+    with open(path, "r+b") as f:
+        f.seek(header.l1_table_offset)
+        f.write(struct.pack(">Q", l1_entry) * header.l1_size)
+    started = time.monotonic()
+    with open_image(path) as image:
+        result = image.check()
+        assert image.read(1 << 39, 65536) == b"\x01" * 65536  # every L1 entry now maps the same data
+    assert time.monotonic() - started < 5
+    report = qemu_check_report(path)
+    assert result.exit_code == report["exit"] == 2
+    assert any("reference=2048" in p.message for p in result.problems)
+
+
+def test_check_reports_broken_snapshot_tables(workdir: Path) -> None:
+    path = small_qemu_image(workdir)
+    qemu_img("snapshot", "-c", "s1", str(path))
+    header = header_of(path)
+    pristine = workdir / "pristine.qcow2"
+    shutil.copy(path, pristine)
+    put(path, header.snapshots_offset, ">Q", 1 << 50)  # the snapshot's L1 table, far past the end
+    with open_image(path) as image:
+        assert read_all(path) == read_all(pristine)
+        result = image.check()
+    assert result.corruptions
+    assert any("snapshot" in p.message for p in result.problems)
+    shutil.copy(pristine, path)
+    put(path, 60, ">I", 5000)  # more snapshots than the table holds
+    with open_image(path) as image:
+        result = image.check()
+    assert result.corruptions
+    assert any(p.structure == "qcow2 snapshot table" for p in result.problems)

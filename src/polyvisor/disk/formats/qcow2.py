@@ -136,6 +136,8 @@ PARTIAL_CLUSTER_BYTES = 32 << 20
 CHECK_WINDOW_CLUSTERS = 1 << 25
 #: Table entries ``check`` walks at most (L1 and L2 entries over the active table and every snapshot).
 CHECK_MAX_ENTRIES = 1 << 28
+#: L1 entries ``check`` deduplicates L2 tables over (bounding both its memory and repeated walks).
+CHECK_L1_CHUNK = 1 << 16
 #: L1 entries written per write-back unit.
 L1_PAGE_ENTRIES = 512
 #: The largest virtual size qemu can address: a 32 MiB L1 of 2 MiB clusters.
@@ -865,6 +867,7 @@ class Qcow2Image(DiskImage):
         batch_host = -1
         batch: list[bytes | bytearray | memoryview] = []
         batch_length = 0
+        slice_from = -1  # where in *view* the last batched piece starts, if it is a slice of it
         while pos < end:
             l1_index = pos >> self._l1_shift
             span_end = min(end, (l1_index + 1) << self._l1_shift)
@@ -898,15 +901,21 @@ class Qcow2Image(DiskImage):
                     self._l2_dirty.add(l2_offset)
                     self._release(entry)
                     target = new + inside
+                from_view = isinstance(piece, memoryview)
                 if batch and target == batch_host + batch_length:
-                    batch.append(piece)
+                    if from_view and slice_from >= 0:  # extend the previous slice instead of joining later
+                        batch[-1] = view[slice_from : pos - offset + n]
+                    else:
+                        batch.append(piece)
+                        slice_from = pos - offset if from_view else -1
                     batch_length += len(piece)
                 else:
                     self._write_batch(batch_host, batch)
                     batch, batch_host, batch_length = [piece], target, len(piece)
+                    slice_from = pos - offset if from_view else -1
                 pos += n
             self._write_batch(batch_host, batch)
-            batch, batch_length = [], 0
+            batch, batch_length, slice_from = [], 0, -1
 
     def _write_batch(self, host: int, pieces: list[bytes | bytearray | memoryview]) -> None:
         if len(pieces) == 1:
@@ -1463,20 +1472,20 @@ class _Counter:
         self.more: dict[int, int] = {}
         self.highest = -1
 
-    def add(self, cluster: int) -> None:
+    def add(self, cluster: int, times: int = 1) -> None:
         self.highest = max(self.highest, cluster)
         if self.low <= cluster < self.high:
             i = cluster - self.low
-            value = self.counts[i]
-            if value == 0xFFFF:
-                self.more[cluster] = self.more.get(cluster, 0) + 1
-            else:
-                self.counts[i] = value + 1
+            value = self.counts[i] + times
+            if value >= 0xFFFF:  # the array saturates; the rest is kept aside
+                self.more[cluster] = self.more.get(cluster, 0) + value - 0xFFFF
+                value = 0xFFFF
+            self.counts[i] = value
 
-    def add_range(self, offset: int, length: int) -> None:
+    def add_range(self, offset: int, length: int, times: int = 1) -> None:
         if length > 0:
             for cluster in range(offset >> self.cluster_bits, ((offset + length - 1) >> self.cluster_bits) + 1):
-                self.add(cluster)
+                self.add(cluster, times)
 
     def value(self, cluster: int) -> int:
         return self.counts[cluster - self.low] + self.more.get(cluster, 0)
@@ -1615,9 +1624,10 @@ class _Checker:
                                 structure="qcow2 check")
 
     def walk_l1(self, counter: _Counter, l1_offset: int, l1_size: int, label: str, *, active: bool) -> None:
+        """Count an L1 table's L2 tables and everything they map."""
         if not l1_size:
             return
-        image, cs = self.image, self.cs
+        image, cs, cb = self.image, self.cs, self.cb
         self.budget(l1_size)
         if active:
             l1 = image._l1
@@ -1627,38 +1637,47 @@ class _Checker:
             except PolyvisorError as exc:
                 self.corruption("qcow2 L1 table", f"{label}: {exc}", l1_offset)
                 return
-        for index, entry in enumerate(l1):
-            l2_offset = entry & L1E_OFFSET_MASK
-            if not l2_offset:
-                continue
-            where = l1_offset + 8 * index
-            if l2_offset & (cs - 1):
-                self.corruption("qcow2 L1 table", f"{label} entry {index}: L2 table {l2_offset:#x} is not "
-                                "cluster aligned", where)
-                counter.add_range(l2_offset, cs)  # counted all the same, as qemu-img check does
-                continue
-            if l2_offset + cs > self.file_size:
-                self.corruption("qcow2 L1 table", f"{label} entry {index}: L2 table {l2_offset:#x} is past the "
-                                "end of the file", where)
-                continue
-            counter.add(l2_offset >> self.cb)
-            if active and self.reporting:
-                refcount = self.stored(l2_offset >> self.cb)
-                if (refcount == 1) != bool(entry & OFLAG_COPIED):
-                    self.corruption("qcow2 L1 table", f"OFLAG_COPIED L2 cluster: l1_entry={entry:#x} "
-                                    f"refcount={refcount}", where)
-            self.budget(image._l2_entries)
-            try:
-                table = entries_from_bytes(image._file.read(l2_offset, cs, "qcow2 L2 table"))
-            except PolyvisorError as exc:
-                self.corruption("qcow2 L2 table", f"{label} entry {index}: {exc}", l2_offset)
-                continue
-            self.walk_l2(counter, table, l2_offset, active=active)
+        for chunk in range(0, l1_size, CHECK_L1_CHUNK):
+            # An L2 table listed several times (corrupt, or hostile) is read and walked once per chunk.
+            tables: dict[int, int] = {}
+            for index in range(chunk, min(l1_size, chunk + CHECK_L1_CHUNK)):
+                entry = l1[index]
+                l2_offset = entry & L1E_OFFSET_MASK
+                if not l2_offset:
+                    continue
+                where = l1_offset + 8 * index
+                if l2_offset & (cs - 1):
+                    self.corruption("qcow2 L1 table", f"{label} entry {index}: L2 table {l2_offset:#x} is not "
+                                    "cluster aligned", where)
+                    counter.add_range(l2_offset, cs)  # counted all the same, as qemu-img check does
+                    continue
+                if l2_offset + cs > self.file_size:
+                    self.corruption("qcow2 L1 table", f"{label} entry {index}: L2 table {l2_offset:#x} is past "
+                                    "the end of the file", where)
+                    continue
+                counter.add(l2_offset >> cb)
+                tables[l2_offset] = tables.get(l2_offset, 0) + 1
+                if active and self.reporting:
+                    refcount = self.stored(l2_offset >> cb)
+                    if (refcount == 1) != bool(entry & OFLAG_COPIED):
+                        self.corruption("qcow2 L1 table", f"OFLAG_COPIED L2 cluster: l1_entry={entry:#x} "
+                                        f"refcount={refcount}", where)
+            for l2_offset, times in tables.items():
+                self.budget(image._l2_entries)
+                try:
+                    raw = image._file.read(l2_offset, cs, "qcow2 L2 table")
+                except PolyvisorError as exc:
+                    self.corruption("qcow2 L2 table", f"{label}: {exc}", l2_offset)
+                    continue
+                if raw.count(0) != len(raw):
+                    self.walk_l2(counter, entries_from_bytes(raw), l2_offset, active=active, times=times)
 
-    def walk_l2(self, counter: _Counter, table: array[int], l2_offset: int, *, active: bool) -> None:
+    def walk_l2(self, counter: _Counter, table: array[int], l2_offset: int, *, active: bool, times: int) -> None:
+        """Count what one L2 table maps, *times* over (once per reference to the table)."""
         cs, cb = self.cs, self.cb
         words = self.image._entry_words
         compressed = self.image._compressed
+        active_here = active and self.reporting
         for i in range(0, len(table), words):
             entry = table[i]
             if not entry and (words == 1 or not table[i + 1]):
@@ -1674,9 +1693,9 @@ class _Checker:
                                     "image's data area", where)
                     if offset >= self.file_size:
                         continue
-                counter.add_range(offset, length)
-                if active and self.reporting:
-                    self.allocated += 1
+                counter.add_range(offset, length, times)
+                if active_here:
+                    self.allocated += times
                 continue
             host = entry & L2E_OFFSET_MASK
             if words == 2:
@@ -1688,16 +1707,16 @@ class _Checker:
                 continue
             if host & (cs - 1):
                 self.corruption("qcow2 L2 table", f"cluster at {host:#x} is not properly aligned", where)
-                counter.add_range(host, cs)  # counted all the same, as qemu-img check does
-                if active and self.reporting:
-                    self.allocated += 1
+                counter.add_range(host, cs, times)  # counted all the same, as qemu-img check does
+                if active_here:
+                    self.allocated += times
                 continue
             if host >= self.file_size:
                 self.corruption("qcow2 L2 table", f"cluster at {host:#x} is past the end of the file", where)
                 continue
-            counter.add(host >> cb)
-            if active and self.reporting:
-                self.allocated += 1
+            counter.add(host >> cb, times)
+            if active_here:
+                self.allocated += times
                 refcount = self.stored(host >> cb)
                 if (refcount == 1) != bool(entry & OFLAG_COPIED):
                     self.corruption("qcow2 L2 table", f"OFLAG_COPIED data cluster: l2_entry={entry:#x} "
