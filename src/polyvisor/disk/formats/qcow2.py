@@ -120,7 +120,7 @@ from polyvisor.errors import (
 if TYPE_CHECKING:
     from polyvisor.disk.registry import CreateOptions, Opener
 
-#: Bytes of L2 tables kept in memory (qemu's default cache covers 32 GiB at 64 KiB clusters; this covers 256).
+#: Bytes of L2 tables kept in memory (32 MiB, like qemu's default: 256 GiB of guest space at 64 KiB clusters).
 L2_CACHE_BYTES = 32 << 20
 #: Bytes of refcount blocks kept in memory.
 REFBLOCK_CACHE_BYTES = 8 << 20
@@ -589,13 +589,17 @@ class Qcow2Image(DiskImage):
         except BaseException:
             outputs.abort()
             raise
-        image._l1 = array("Q", bytes(8 * l1_size))
-        image._reftable = array("Q", bytes(reftable_clusters * cs))
-        image._reftable_dirty = True
-        image._header_dirty = True
-        image._end_cluster = metadata_end
-        image._count_new_clusters(0, image._end_cluster)
-        image._compress_output = options.compress
+        try:
+            image._l1 = array("Q", bytes(8 * l1_size))
+            image._reftable = array("Q", bytes(reftable_clusters * cs))
+            image._reftable_dirty = True
+            image._header_dirty = True
+            image._end_cluster = metadata_end
+            image._count_new_clusters(0, image._end_cluster)
+            image._compress_output = options.compress
+        except BaseException:
+            image.abort()
+            raise
         return image
 
     # ============================================================ writable open
