@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import struct
+import subprocess
 import threading
 import time
 import zlib
@@ -1059,3 +1060,40 @@ def test_check_reports_broken_snapshot_tables(workdir: Path) -> None:
         result = image.check()
     assert result.corruptions
     assert any(p.structure == "qcow2 snapshot table" for p in result.problems)
+
+
+@pytest.mark.parametrize("compat", COMPATS)
+@pytest.mark.parametrize("preallocation", ["metadata", "falloc", "full"])
+def test_qemu_preallocated_images(preallocation: str, compat: str, workdir: Path) -> None:
+    path = workdir / "pre.qcow2"
+    qemu_create(path, "qcow2", 8 * MIB, f"preallocation={preallocation},compat={COMPATS[compat]},cluster_size=4096")
+    qemu_io(path, "qcow2", "write -P 3 100K 300K")
+    assert_reads_like_qemu(path, workdir)
+    before = qemu_to_raw(path, "qcow2", workdir / "before.raw")
+    writes = scattered_writes(8 * MIB, seed=8, count=10)
+    with open_image(path, writable=True) as image:
+        apply_writes(image, writes)
+        image.write_zeroes(MIB, 2 * MIB)
+    writes.append((MIB, bytes(2 * MIB)))
+    qemu_check(path, "qcow2")
+    qemu_compare(path, "qcow2", reference_raw(workdir / "ref.raw", 8 * MIB, writes, base=before), "raw")
+
+
+def test_image_left_dirty_by_a_crash(workdir: Path) -> None:
+    """lazy_refcounts and qemu-io aborting: the data is there, the refcounts are not, and check says so."""
+    path = workdir / "lazy.qcow2"
+    qemu_create(path, "qcow2", 8 * MIB, "lazy_refcounts=on")
+    proc = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 5 0 1M", "-c", "write -P 6 3M 64K", "-c",
+                           "abort", str(path)], capture_output=True, check=False)
+    assert proc.returncode != 0
+    assert header_of(path).incompatible_features & 1
+    with open_image(path) as image:
+        assert image.info().details["dirty"] is True
+        assert image.read(0, MIB) == b"\x05" * MIB
+        assert image.read(3 * MIB, 65536) == b"\x06" * 65536
+        result = image.check()
+    report = qemu_check_report(path)
+    assert result.exit_code == report["exit"] == 2
+    assert result.corruptions == report["corruptions"]
+    with pytest.raises(UnsupportedFeature, match="dirty"):
+        open_image(path, writable=True)
