@@ -401,20 +401,27 @@ class Qcow2Image(DiskImage):
                 if words == 2:
                     yield from self._subcluster_pieces(entry, table[index + 1], pos, stop,
                                                        cluster_start=cluster_start, where=l2_offset + 8 * index)
-                elif entry & OFLAG_ZERO:
+                    pos = stop
+                    continue
+                if entry & OFLAG_ZERO:
                     if v2:
                         raise CorruptImage(self.path, f"zero cluster entry at guest offset {cluster_start:#x} in "
                                            "a version 2 image", structure="qcow2 L2 table",
                                            offset=l2_offset + 8 * index)
-                    yield (zero, pos, stop - pos, 0, None, 0)
+                    kind = zero
                 elif host:
-                    yield (data, pos, stop - pos, host + pos - cluster_start, None, 0)
+                    kind = data
                 elif entry & OFLAG_COPIED:
                     raise CorruptImage(self.path, f"L2 entry for guest offset {cluster_start:#x} has the COPIED "
                                        "flag but points at offset 0, the image header", structure="qcow2 L2 table",
                                        offset=l2_offset + 8 * index)
                 else:
-                    yield (unallocated, pos, stop - pos, 0, None, 0)
+                    kind = unallocated
+                if not self._partial:  # whole runs of like entries at once
+                    last = ((span_end - 1) >> cb) & l2_mask
+                    run = _like_entries(table, index, last, entry, kind=kind, cs=cs)
+                    stop = min(cluster_start + run * cs, span_end)
+                yield (kind, pos, stop - pos, host + pos - cluster_start if host and kind is data else 0, None, 0)
                 pos = stop
 
     def _subcluster_pieces(self, entry: int, bitmap: int, pos: int, stop: int, *, cluster_start: int,
@@ -1231,6 +1238,24 @@ class Qcow2Image(DiskImage):
 
 def _constant(data: bytes) -> bytes:
     return data
+
+
+def _like_entries(table: array[int], index: int, last: int, entry: int, *, kind: ExtentKind, cs: int) -> int:
+    """How many standard L2 entries from *index* (up to *last*) continue the same run: contiguous data,
+    zero clusters, or unallocated clusters."""
+    j = index + 1
+    if kind is ExtentKind.DATA:
+        expected = entry + cs
+        while j <= last and table[j] == expected:
+            j += 1
+            expected += cs
+    elif kind is ExtentKind.ZERO:
+        while j <= last and table[j] & (OFLAG_ZERO | OFLAG_COMPRESSED) == OFLAG_ZERO:
+            j += 1
+    else:
+        while j <= last and table[j] == 0:
+            j += 1
+    return j - index
 
 
 def _initial_reftable_clusters(cs: int, l1_clusters: int) -> int:
