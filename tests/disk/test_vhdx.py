@@ -1039,3 +1039,22 @@ def test_unmapped_and_undefined_blocks_hide_the_parent(workdir: Path) -> None:
         assert image.read(0, 4 * MIB) == b"\x66" * MIB + bytes(3 * MIB)
         assert image.check().clean
         assert [(e.kind, e.depth) for e in image.map()] == [(ExtentKind.DATA, 1), (ExtentKind.ZERO, 0)]
+
+
+def test_new_blocks_go_past_a_last_block_cut_short(workdir: Path) -> None:
+    """qemu once wrote files ending inside their last block: allocation must not reuse its tail."""
+    image_path = workdir / "short.vhdx"
+    with create_image(image_path, "vhdx", 3 * MIB, block_size="2M") as image:
+        image.write(2 * MIB, b"\x71" * MIB)  # block 1: only its first MiB holds guest data
+    host = vs.bat_offset(vt.bat_entry(image_path, 1))
+    with open(image_path, "r+b") as f:
+        f.truncate(host + MIB)
+    qemu_check(image_path, "vhdx")
+    with open_image(image_path, writable=True) as image:
+        image.write(0, b"\x72" * 4096)
+    assert vs.bat_offset(vt.bat_entry(image_path, 0)) == host + 2 * MIB
+    with open_image(image_path) as image:
+        assert image.check().clean
+        assert image.read(0, 4096) == b"\x72" * 4096
+        assert image.read(2 * MIB, MIB) == b"\x71" * MIB
+    qemu_check(image_path, "vhdx")

@@ -576,19 +576,24 @@ class VhdxImage(DiskImage):
     # ------------------------------------------------------------ writing
 
     def _check_blocks_for_writing(self) -> None:
-        """Refuse to write into an image whose present blocks point outside the file or into metadata."""
+        """Refuse to write into an image whose present blocks point outside the file or into metadata,
+        and allocate new blocks past the end of every present one (a last block may be cut short)."""
         ratio = self._chunk_ratio
+        end = self._alloc_end
         for index, entry in enumerate(self._bat):
             state = entry & vs.BAT_STATE_MASK
             if index % (ratio + 1) == ratio:
                 if state == vs.SB_BLOCK_PRESENT:
-                    self._checked_host(vs.bat_offset(entry), vs.SECTOR_BITMAP_BLOCK_SIZE, "VHDX sector bitmap entry")
+                    host = self._checked_host(vs.bat_offset(entry), vs.SECTOR_BITMAP_BLOCK_SIZE,
+                                              "VHDX sector bitmap entry")
+                    end = max(end, host + vs.SECTOR_BITMAP_BLOCK_SIZE)
             elif state in _PRESENT_STATES:
                 block = index - index // (ratio + 1)
                 if block >= self._data_blocks:
                     raise CorruptImage(self.path, f"entry {index} is in use past the end of the disk",
                                        structure="VHDX BAT", offset=self._state.bat_offset + 8 * index)
-                self._block_host(block, entry)
+                end = max(end, self._block_host(block, entry) + self._block_size)
+        self._alloc_end = align_up(end, MIB)
 
     def _begin_modification(self) -> None:
         """Before the first change to a reopened file: new FileWriteGuid and DataWriteGuid (§2.2.2)."""
