@@ -1058,3 +1058,19 @@ def test_new_blocks_go_past_a_last_block_cut_short(workdir: Path) -> None:
         assert image.read(0, 4096) == b"\x72" * 4096
         assert image.read(2 * MIB, MIB) == b"\x71" * MIB
     qemu_check(image_path, "vhdx")
+
+
+def test_terabyte_holes_map_quickly(workdir: Path) -> None:
+    """4 TiB at 1 MiB blocks: 4 Mi BAT entries, walked as runs of identical entries, not block by block."""
+    image_path = workdir / "wide.vhdx"
+    size = 4 << 40
+    with create_image(image_path, "vhdx", size, block_size="1M") as image:
+        image.write(3 << 40, b"\x01" * MIB)
+    started = time.monotonic()
+    with open_image(image_path) as image:
+        extents = [(e.offset, e.length, e.kind) for e in image.extents()]
+        assert extents == [(0, 3 << 40, ExtentKind.UNALLOCATED), (3 << 40, MIB, ExtentKind.DATA),
+                           ((3 << 40) + MIB, (1 << 40) - MIB, ExtentKind.UNALLOCATED)]
+        assert image.read((3 << 40) - 10, 20) == bytes(10) + b"\x01" * 10
+    assert time.monotonic() - started < 3
+    qemu_check(image_path, "vhdx")
