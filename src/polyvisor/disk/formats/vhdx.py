@@ -947,17 +947,12 @@ class _BatChecker:
         """Unreferenced MiBs between the first payload block and the end of the file."""
         if self.used is None:
             return
-        unit = first_block // MIB
-        while unit < len(self.used):
-            if self.used[unit]:
-                unit += 1
-                continue
-            stop = unit
-            while stop < len(self.used) and not self.used[stop]:
-                stop += 1
-            self.result.leak("VHDX file", f"{(stop - unit)} MiB at {unit * MIB} are not used by any block",
-                             unit * MIB)
-            unit = stop
+        unit = self.used.find(0, first_block // MIB)
+        while unit >= 0:
+            found = _NOT_ZERO.search(self.used, unit)
+            stop = found.start() if found else len(self.used)
+            self.result.leak("VHDX file", f"{stop - unit} MiB at {unit * MIB} are not used by any block", unit * MIB)
+            unit = self.used.find(0, stop)
 
 
 # ------------------------------------------------------------------ parsing
@@ -1111,9 +1106,8 @@ def _replay_log(path: Path, file: ImageFile, headers: _Headers, writable: bool) 
     for start, end, data in pieces:
         if data is not None:
             file.write(start, data)
-            continue
-        for at in range(start, min(end, size), MIB):
-            file.write(at, _ZERO_CHUNK[: min(MIB, end - at)])
+        else:
+            _zero_file_range(file, start, min(end, size))
     if size < head.last_file_offset:
         try:
             file.truncate(align_up(head.last_file_offset, MIB))
@@ -1124,6 +1118,21 @@ def _replay_log(path: Path, file: ImageFile, headers: _Headers, writable: bool) 
     headers.update(log_guid=vs.ZERO_GUID)
     headers.update()
     return _MetaSource(file), f"replayed on open ({sequence})"
+
+
+def _zero_file_range(file: ImageFile, start: int, end: int) -> None:
+    """Write zeros over the data of ``[start, end)``; holes of a sparse file already read as zeros."""
+    pos = start
+    while pos < end:
+        data = file.seek_data(pos)
+        if data is None or data >= end:
+            return
+        hole = min(file.seek_hole(data), end)
+        if hole <= data:
+            hole = end
+        for at in range(data, hole, MIB):
+            file.write(at, _ZERO_CHUNK[: min(MIB, hole - at)])
+        pos = hole
 
 
 def _reserved_regions(*, log_offset: int, log_length: int, bat_offset: int, bat_length: int,
