@@ -326,7 +326,7 @@ def test_qemu_dirty_log_replayed_in_memory_read_only(workdir: Path) -> None:
     qemu_img("info", str(image_path), ok=(1,))  # qemu refuses to open it read-only
     before = digest(image_path)
     with open_image(image_path) as image:
-        assert image.info().details["log"].startswith("replayed in memory (1 log entries")
+        assert image.info().details["log"].startswith("replayed in memory (1 log entry, sequence 1..1)")
         assert image.read(0, SIZE) == oracle.read_bytes()
         result = image.check()
         assert [p.structure for p in result.problems] == ["VHDX log"]

@@ -1098,8 +1098,8 @@ def _replay_log(path: Path, file: ImageFile, headers: _Headers, writable: bool) 
         if end > limit:
             raise CorruptImage(path, f"log descriptor writes {start}..{end}, past the end of the file ({limit})",
                                structure="VHDX log descriptor", offset=header.log_offset)
-    sequence = f"{len(entries)} log entries, sequence {entries[0].header.sequence_number}" \
-               f"..{head.sequence_number}"
+    noun = "entry" if len(entries) == 1 else "entries"
+    sequence = f"{len(entries)} log {noun}, sequence {entries[0].header.sequence_number}..{head.sequence_number}"
     if not writable:
         return _MetaSource(file, pieces, limit), f"replayed in memory ({sequence}); the file is unchanged"
     headers.update(file_write_guid=vs.new_guid())
