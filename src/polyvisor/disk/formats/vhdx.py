@@ -1077,6 +1077,13 @@ def _replay_log(path: Path, file: ImageFile, headers: _Headers, writable: bool) 
     log = file.read(header.log_offset, header.log_length, "VHDX log")
     entries = vs.find_active_sequence(log, header.log_guid)
     if not entries:
+        damaged = vs.count_entry_headers(log, header.log_guid)
+        if damaged:
+            # Entries of the current log exist but none forms a valid sequence: the metadata they were
+            # meant to update may be stale, so the image cannot be trusted (a log never written has none).
+            raise CorruptImage(path, f"the log holds {damaged} entries of the current log GUID but no valid "
+                               "sequence (bad checksums or a broken chain); cannot replay it",
+                               structure="VHDX log", offset=header.log_offset)
         return _MetaSource(file), "LogGuid set but the log holds no valid sequence (nothing to replay)"
     head = entries[-1].header
     size = file.size

@@ -413,6 +413,17 @@ def parse_log_entry(log: bytes | bytearray, position: int, log_guid: bytes) -> L
     return LogEntry(position, header, writes)
 
 
+def count_entry_headers(log: bytes | bytearray, log_guid: bytes) -> int:
+    """Sectors that start like an entry of the log *log_guid* ("loge" and the GUID), valid or not."""
+    count = 0
+    for position in range(0, len(log), LOG_SECTOR):
+        if log[position : position + 4] == b"loge" and LOG_ENTRY_HEADER.unpack(
+            _sector(log, position, 0)
+        ).log_guid == log_guid:
+            count += 1
+    return count
+
+
 def find_active_sequence(log: bytes | bytearray, log_guid: bytes) -> list[LogEntry]:
     """The active log sequence to replay, oldest entry first; empty if there is none (§2.3.3).
 
