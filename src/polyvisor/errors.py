@@ -22,14 +22,24 @@ of stderr and exits non-zero.
     │       ├── MissingReference   the referenced file does not exist
     │       └── BackingChainError  loops or over-deep backing chains
     ├── OperationFailed            an operation ran but could not complete (I/O, compare of unequal sizes…)
-    └── VmError                    a problem with a VM description or package (names file, where, what is wrong)
-        ├── InvalidModel           a VM model (JSON or built in code) breaks the model's rules
-        ├── UnknownCodec           no codec recognises a package / no codec has that name
-        ├── PackageError           a VM package (descriptor, OVA, .vmx, domain XML) is malformed
-        │   ├── UnsafePackage      hostile content: entity tricks, unsafe tar members, paths leaving the package
-        │   ├── ManifestMismatch   a manifest digest differs, or the manifest misses or adds a file
-        │   └── DescriptorTooLarge a descriptor or member over polyvisor's size limit
-        └── UnmappableModel        a codec cannot express the model (e.g. a raw disk in OVF), on write
+    ├── VmError                    a problem with a VM description or package (names file, where, what is wrong)
+    │   ├── InvalidModel           a VM model (JSON or built in code) breaks the model's rules
+    │   ├── UnknownCodec           no codec recognises a package / no codec has that name
+    │   ├── PackageError           a VM package (descriptor, OVA, .vmx, domain XML) is malformed
+    │   │   ├── UnsafePackage      hostile content: entity tricks, unsafe tar members, paths leaving the package
+    │   │   ├── ManifestMismatch   a manifest digest differs, or the manifest misses or adds a file
+    │   │   └── DescriptorTooLarge a descriptor or member over polyvisor's size limit
+    │   └── UnmappableModel        a codec cannot express the model (e.g. a raw disk in OVF), on write
+    └── HypervisorError            a hypervisor or its driver refused or failed an operation (names driver, VM)
+        ├── UnsupportedOperation   the driver does not declare that capability
+        ├── ConnectionFailed       the hypervisor could not be reached or the URI is malformed
+        ├── UnknownDriver          no driver handles a URI
+        ├── VmNotFound             no VM of that name on that hypervisor
+        ├── VmExists               defining a VM whose name is taken
+        ├── InvalidState           the operation does not apply in the VM's current state
+        ├── SnapshotNotFound       no snapshot of that name
+        ├── OperationTimeout       the hypervisor did not finish in the time allowed
+        └── MigrationFailed        a migration failed (and was rolled back where possible)
 
 ``ReferenceError_`` carries a trailing underscore so as not to shadow the
 builtin :class:`ReferenceError`.
@@ -180,3 +190,57 @@ class DescriptorTooLarge(PackageError):
 
 class UnmappableModel(VmError):
     """A codec cannot express part of the model it was asked to write."""
+
+
+class HypervisorError(PolyvisorError):
+    """A hypervisor, or polyvisor's driver for it, refused or failed an operation.
+
+    The message reads ``DRIVER: VM: what went wrong`` when a VM is concerned.
+    """
+
+    def __init__(self, driver: str, message: str, *, vm: str | None = None) -> None:
+        self.driver = driver
+        self.vm = vm
+        self.reason = message
+        where = driver if vm is None else f"{driver}: {vm}"
+        super().__init__(f"{where}: {message}")
+
+
+class UnsupportedOperation(HypervisorError):
+    """The driver does not declare the capability an operation needs."""
+
+    def __init__(self, driver: str, operation: str, *, vm: str | None = None) -> None:
+        self.operation = operation
+        super().__init__(driver, f"the {driver} driver does not support {operation!r}", vm=vm)
+
+
+class ConnectionFailed(HypervisorError):
+    """The hypervisor could not be reached, or the connection URI is malformed."""
+
+
+class UnknownDriver(HypervisorError):
+    """No registered driver handles a connection URI."""
+
+
+class VmNotFound(HypervisorError):
+    """No VM of that name exists on the hypervisor."""
+
+
+class VmExists(HypervisorError):
+    """A VM of that name already exists."""
+
+
+class InvalidState(HypervisorError):
+    """The operation does not apply in the VM's current state (e.g. pause a stopped VM)."""
+
+
+class SnapshotNotFound(HypervisorError):
+    """No snapshot of that name exists for the VM."""
+
+
+class OperationTimeout(HypervisorError):
+    """The hypervisor did not complete the operation in the time allowed."""
+
+
+class MigrationFailed(HypervisorError):
+    """A migration failed; the source VM was left (or put back) running where possible."""
