@@ -15,6 +15,7 @@ capability files); ``qemu-system-x86`` runs the guest.
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 import threading
@@ -36,6 +37,19 @@ cgroup_controllers = []
 
 _event_loop_started = False
 _event_lock = threading.Lock()
+#: libvirt opens the embedded driver with one root per process: every boot of a test run shares it.
+_root: Path | None = None
+
+
+def _embed_root() -> Path:
+    global _root  # noqa: PLW0603 - one embedded driver root per process
+    with _event_lock:
+        if _root is None:
+            _root = Path(tempfile.mkdtemp(prefix="polyvisor-libvirt-"))
+            (_root / "etc").mkdir()
+            (_root / "etc" / "qemu.conf").write_text(QEMU_CONF)
+            atexit.register(shutil.rmtree, _root, True)
+        return _root
 
 
 @dataclass(frozen=True)
@@ -97,10 +111,8 @@ def boot_domain(xml_path: Path, marker: str, *, timeout: float = 240.0) -> Libvi
     """Define and start the domain at *xml_path*; wait for *marker* on serial port 0; always clean up."""
     libvirt = _libvirt()
     _start_event_loop(libvirt)
-    root = Path(tempfile.mkdtemp(prefix="polyvisor-libvirt-"))
-    (root / "etc").mkdir()
-    (root / "etc" / "qemu.conf").write_text(QEMU_CONF)
-    console_log = root / "serial0.log"
+    root = _embed_root()
+    console_log = Path(tempfile.mkdtemp(prefix="console-", dir=root)) / "serial0.log"
     xml = prepare_domain(xml_path.read_text(encoding="utf-8"), console_log)
     started = time.monotonic()
     conn = libvirt.open(f"qemu:///embed?root={root}")
@@ -127,5 +139,5 @@ def boot_domain(xml_path: Path, marker: str, *, timeout: float = 240.0) -> Libvi
                 domain.undefine()
         conn.close()
     console = console_log.read_bytes().decode(errors="replace") if console_log.exists() else ""
-    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(console_log.parent, ignore_errors=True)
     return LibvirtBoot(booted, time.monotonic() - started, console)
