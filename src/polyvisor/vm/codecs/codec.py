@@ -115,7 +115,10 @@ def read_piece(handle: IO[bytes], piece: Piece, path: Path) -> bytes:
 
 def _piece_digest(algorithm: str, data: bytes) -> str:
     if algorithm == "xxh64":
-        import xxhash
+        try:
+            import xxhash
+        except ImportError:  # the checksums of newer XenServer exports (PyPI package xxhash)
+            raise PackageError("verifying .xxhash (XXH64) checksums needs the Python package xxhash") from None
 
         return f"{xxhash.xxh64_intdigest(data):016X}"
     return hashlib.new(algorithm, data).hexdigest()

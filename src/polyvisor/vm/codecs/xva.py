@@ -259,7 +259,10 @@ def _verify_chunks(handle: IO[bytes], members: list[tarfile.TarInfo], path: Path
 
 def _digest(algorithm: str, data: bytes) -> str:
     if algorithm == "xxh64":
-        import xxhash
+        try:
+            import xxhash
+        except ImportError:  # the checksums of newer XenServer exports (PyPI package xxhash)
+            raise PackageError("verifying .xxhash (XXH64) checksums needs the Python package xxhash") from None
 
         return f"{xxhash.xxh64_intdigest(data):016X}"
     return hashlib.sha1(data, usedforsecurity=False).hexdigest()
