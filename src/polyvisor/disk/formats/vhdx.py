@@ -69,7 +69,7 @@ from polyvisor import __version__
 from polyvisor.disk.check import CheckResult
 from polyvisor.disk.fileio import ImageFile, OutputFiles
 from polyvisor.disk.formats import vhdx_structs as vs
-from polyvisor.disk.image import DiskImage, ExtentKind, ProbeSample, Run
+from polyvisor.disk.image import DiskImage, ExtentKind, ProbeSample, Run, sparse_file_runs
 from polyvisor.disk.paths import windows_path_to_relative
 from polyvisor.disk.registry import register_format
 from polyvisor.disk.structs import align_up, is_power_of_two
@@ -570,24 +570,7 @@ class VhdxImage(DiskImage):
             elif isinstance(source, bytes):
                 yield Run(at, end - start, ExtentKind.DATA, decode=_constant(source), unit_offset=at)
             else:
-                yield from self._sparse_runs(at, end - start, start)
-
-    def _sparse_runs(self, guest: int, length: int, host: int) -> Iterator[Run]:
-        """Data runs, with holes of the (sparse) file reported as zeros."""
-        pos, end = host, host + length
-        while pos < end:
-            data = self._file.seek_data(pos)
-            if data is None or data >= end:
-                yield Run(guest + pos - host, end - pos, ExtentKind.ZERO)
-                return
-            if data > pos:
-                yield Run(guest + pos - host, data - pos, ExtentKind.ZERO)
-                pos = data
-            hole = min(self._file.seek_hole(pos), end)
-            if hole <= pos:
-                hole = end
-            yield Run(guest + pos - host, hole - pos, ExtentKind.DATA, file=self._file, host_offset=pos)
-            pos = hole
+                yield from sparse_file_runs(self._file, start, end - start, at)
 
     # ------------------------------------------------------------ writing
 
