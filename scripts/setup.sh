@@ -8,8 +8,12 @@ cd "$(dirname "$0")/.."
 # qemu-system-x86: boots the test guest.  mtools, syslinux, syslinux-common, dosfstools,
 # busybox-static, cpio: build the bootable test disk without loop devices.
 # libvirt-clients, libxml2-utils: virt-xml-validate (it runs xmllint).
+# libvirt-daemon-system, libvirt-daemon-driver-qemu: libvirt's embedded QEMU driver (qemu:///embed).
+# libvirt-dev, pkg-config, gcc: build libvirt-python.  ovmf: UEFI guests.
+# golang-go, golang-github-vmware-govmomi-dev: build the vcsim simulator the vSphere tests run against.
 PACKAGES=(qemu-utils qemu-system-x86 mtools syslinux syslinux-common dosfstools busybox-static cpio
-          libvirt-clients libxml2-utils)
+          libvirt-clients libxml2-utils libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-dev
+          pkg-config gcc ovmf golang-go golang-github-vmware-govmomi-dev)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
