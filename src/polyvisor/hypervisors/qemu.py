@@ -557,7 +557,10 @@ def _storage_args(model: VmModel, disks: Mapping[str, DiskFile]) -> list[str]:
         device["id"] = _device_id(disk)
         if node is not None:
             device["drive"] = node
-        if disk.boot_order is not None:
+        if disk.boot_order is not None and controller.model is ControllerModel.FDC:
+            # Floppy drives boot through their controller's bootindexA/B (QEMU hw/block/fdc.c).
+            argv += ["-global", f"isa-fdc.bootindex{'AB'[disk.unit]}={disk.boot_order}"]
+        elif disk.boot_order is not None:
             device["bootindex"] = disk.boot_order
         argv += ["-device", _json_arg(device)]
     return argv
