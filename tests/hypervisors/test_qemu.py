@@ -396,8 +396,15 @@ def test_live_migration_counter_continues(tmp_path: Path) -> None:
 
         # 3. A migration that completes.
         progress: list[tuple[int, int]] = []
+        states: list[VmState] = []
+
+        def on_progress(done: int, total: int) -> None:
+            progress.append((done, total))
+            states.append(host_a.get("mover").state)
+
         report = host_a.migrate("mover", host_b, MigrationOptions(downtime_ms=300, bandwidth_mib=512,
-                                                                  progress=lambda a, t: progress.append((a, t))))
+                                                                  progress=on_progress))
+        assert set(states) == {VmState.MIGRATING}
         assert report.kind == "live"
         assert report.total_seconds > 0
         assert report.downtime_ms is not None

@@ -150,7 +150,7 @@ OVMF_FALLBACK: dict[bool, tuple[Path, Path]] = {
 }
 
 #: Seconds to wait for QMP's greeting (another client may hold the monitor: QEMU serves one at a time).
-QMP_CONNECT_TIMEOUT = 5.0
+QMP_CONNECT_TIMEOUT = 10.0
 #: Seconds a QMP command may take.
 QMP_COMMAND_TIMEOUT = 60.0
 #: Seconds QEMU may take to exit after ``quit`` before it is killed.
@@ -290,6 +290,19 @@ def process_alive(pid: int, marker: str) -> bool:
         return False
     state = stat.rsplit(")", 1)[-1].split()[0]
     return state not in ("Z", "X") and marker.encode() in cmdline.split(b"\0")
+
+
+def _pid_alive(pid: object) -> bool:
+    """Whether *pid* (as recorded in a state file) is a live process."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _wait_exit(pid: int, marker: str, timeout: float) -> bool:
@@ -775,8 +788,9 @@ class QemuDriver(Driver):
         """The common and native state of a defined VM."""
         if self._pid(paths) is None:
             return VmState.SHUT_OFF, "not running"
-        if self._read_state(paths).get("migrating_to"):
-            return VmState.MIGRATING, "migrating (outgoing)"
+        recorded = self._read_state(paths)
+        if recorded.get("migrating_to") and _pid_alive(recorded.get("migrating_pid")):
+            return VmState.MIGRATING, f"migrating to {recorded['migrating_to']}"
         try:
             with self._qmp(name, paths) as qmp:
                 status = str(qmp.execute("query-status")["status"])
@@ -1229,11 +1243,10 @@ class QemuDriver(Driver):
                     parameters["max-bandwidth"] = int(options.bandwidth_mib) << 20
                 if parameters:
                     qmp.execute("migrate-set-parameters", parameters)
-                self._update_state(paths, migrating_to=str(destination.root))
+                self._update_state(paths, migrating_to=str(destination.root), migrating_pid=os.getpid())
                 qmp.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
                 result = self._watch_migration(name, qmp, options, started)
-            with destination._qmp(name, dst_paths) as dst_qmp:
-                status = _wait_status(dst_qmp, ("running", "paused"), deadline=started + options.timeout)
+            status = destination._confirm_incoming(name, dst_paths, deadline=time.monotonic() + 120)
         except BaseException as exc:
             reason = str(exc.reason) if isinstance(exc, HypervisorError) else repr(exc)
             rolled_back = self._roll_back(name, paths, destination, dst_paths, previous)
@@ -1292,9 +1305,27 @@ class QemuDriver(Driver):
                                                   f"({ram.get('remaining', '?')} bytes of memory left)", vm=name)
             time.sleep(POLL)
 
+    def _confirm_incoming(self, name: str, paths: VmPaths, *, deadline: float) -> str:
+        """Wait for the destination QEMU to leave ``inmigrate`` (running, or paused if the source was)."""
+        while True:
+            if self._pid(paths) is None:
+                log = paths.qemu_log.read_text(errors="replace").strip() if paths.qemu_log.exists() else ""
+                raise MigrationFailed(self.name, f"the destination QEMU exited{': ' + log if log else ''}", vm=name)
+            try:
+                with self._qmp(name, paths) as qmp:
+                    return _wait_status(qmp, ("running", "paused"), deadline=deadline)
+            except ConnectionFailed:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(POLL)
+
     def _roll_back(self, name: str, paths: VmPaths, destination: QemuDriver, dst_paths: VmPaths,
                    previous: Mapping[str, Any]) -> str:
-        """Cancel the migration, kill the destination, keep the source running; says what it did."""
+        """Cancel the migration, kill the destination, keep the source running; says what it did.
+
+        The destination goes first: once it has taken over the disks' write locks, the source can only
+        resume after it is gone.
+        """
         done: list[str] = []
         try:
             with self._qmp(name, paths) as qmp:
@@ -1303,20 +1334,26 @@ class QemuDriver(Driver):
                     qmp.execute("migrate_cancel")
                     _wait_migration_end(qmp)
                     done.append("migration cancelled")
+        except HypervisorError as exc:
+            done.append(f"source not reachable to cancel ({exc.reason})")
+        destination._kill(name, dst_paths)
+        shutil.rmtree(dst_paths.dir, ignore_errors=True)
+        done.append("destination QEMU killed")
+        source_status = "NOT running"
+        try:
+            with self._qmp(name, paths) as qmp:
                 restore = {k: previous[k] for k in ("downtime-limit", "max-bandwidth") if k in previous}
                 if restore:
                     qmp.execute("migrate-set-parameters", restore)
                 if qmp.execute("query-status")["status"] in ("postmigrate", "finish-migrate"):
                     qmp.execute("cont")
                     done.append("source resumed")
+                source_status = str(qmp.execute("query-status")["status"])
         except HypervisorError as exc:
-            done.append(f"source not reachable ({exc.reason})")
-        destination._kill(name, dst_paths)
-        shutil.rmtree(dst_paths.dir, ignore_errors=True)
-        done.append("destination QEMU killed")
+            done.append(f"source not reachable to resume ({exc.reason})")
         with contextlib.suppress(OSError):
-            self._update_state(paths, migrating_to=None)
-        state = "still running" if self._pid(paths) is not None else "NOT running"
+            self._update_state(paths, migrating_to=None, migrating_pid=None)
+        state = "still running" if source_status == "running" else source_status
         return f"rolled back ({', '.join(done)}); the source is {state}"
 
 
