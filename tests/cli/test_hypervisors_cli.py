@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from polyvisor.demo.bootdisk import COUNTER_PREFIX
-from polyvisor.hypervisors import Capability
+from polyvisor.hypervisors import Capability, connect
+from polyvisor.vm.codecs import write_package
 from tests.hypervisors.harness import wait_for
 from tests.hypervisors.harness_qemu import BOOT_TIMEOUT, boot_disk, guest_model, qemu_cleanup, qemu_pids, root_uri
 from tests.peers import polyvisor_cli, polyvisor_env
@@ -85,6 +86,22 @@ def test_define_list_info_undefine_and_errors(tmp_path: Path) -> None:
     assert proc.stderr.strip() == "polyvisor: vm snapshot create needs a snapshot name"
     cli("-c", uri, "vm", "undefine", "plain", cwd=tmp_path)
     assert json.loads(cli("-c", uri, "vm", "list", "--json", cwd=tmp_path).stdout) == []
+
+
+def test_define_from_a_vm_package(tmp_path: Path) -> None:
+    """``vm define`` reads any package polyvisor.vm's codecs read (here a libvirt domain XML)."""
+    disk = boot_disk(tmp_path / "images", counter=False)
+    written = write_package(guest_model("from-xml", disk.name, "raw"), "libvirt", tmp_path / "pkg",
+                            {disk.name: disk})
+    (xml,) = [p for p in written if p.suffix == ".xml"]
+    uri = root_uri(tmp_path / "root")
+    cli("-c", uri, "vm", "define", str(xml), cwd=tmp_path)
+    info = json.loads(cli("-c", uri, "vm", "info", "from-xml", "--json", cwd=tmp_path).stdout)
+    assert (info["name"], info["state"], info["memory"]) == ("from-xml", "shut off", 256 << 20)
+    with connect(uri) as driver:
+        assert driver.export("from-xml").disks == {disk.name: tmp_path / "pkg" / disk.name}
+    proc = cli("-c", uri, "vm", "define", str(disk), cwd=tmp_path, ok=False)
+    assert "not a VM package polyvisor knows" in proc.stderr
 
 
 def test_snapshots_of_a_stopped_vm(tmp_path: Path) -> None:
