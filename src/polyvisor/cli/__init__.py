@@ -13,14 +13,14 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from polyvisor import __version__
-from polyvisor.cli import demo, disk, hypervisors
+from polyvisor.cli import demo, disk, hypervisors, v2v, vm
 from polyvisor.errors import PolyvisorError
 
 #: Exit status for a PolyvisorError (``disk compare`` and ``disk check`` have their own, as qemu-img).
 EXIT_ERROR = 1
 
 #: Modules contributing ``polyvisor vm`` subcommands; each has ``register_vm(vm_commands)``.
-VM_COMMAND_MODULES: tuple[ModuleType, ...] = (hypervisors,)
+VM_COMMAND_MODULES: tuple[ModuleType, ...] = (vm, hypervisors)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,12 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help=hypervisors.URI_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     disk.register(commands)
-    demo.register(commands)
-    hypervisors.register(commands)
-    vm = commands.add_parser("vm", help="manage the VMs of a hypervisor (-c URI)")
-    vm_commands = vm.add_subparsers(dest="vm_command", metavar="SUBCOMMAND", required=True)
+    vm_parser = commands.add_parser(
+        "vm", help="inspect VM packages; manage the VMs of a hypervisor (-c URI)")
+    vm_commands = vm_parser.add_subparsers(dest="vm_command", metavar="SUBCOMMAND", required=True)
     for module in VM_COMMAND_MODULES:
         module.register_vm(vm_commands)
+    v2v.register(commands)
+    hypervisors.register(commands)
+    demo.register(commands)
     return parser
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from polyvisor.errors import CorruptImage
+from polyvisor.errors import ImageError, ReadOnlyImage
 
 #: Problems recorded before a check stops listing (it still counts them).
 MAX_LISTED_PROBLEMS = 1000
@@ -104,18 +104,28 @@ class CheckResult:
 
 
 def check_image(path: Path, format: str | None = None) -> CheckResult:  # noqa: A002 - CLI vocabulary
-    """Check one image file.  A file too broken to open is reported, not raised."""
+    """Check one image file.  A file too broken (or too unsafe) to open is reported, not raised."""
     from polyvisor.disk.registry import open_image, probe_format
 
     try:
         image = open_image(path, format, follow_backing=False)
-    except CorruptImage as exc:
+    except ImageError as exc:
+        if isinstance(exc, ReadOnlyImage):
+            raise
         name = format or _probe_name(path, probe_format)
         result = CheckResult(filename=str(path), format=name)
         result.corruption(exc.structure or "image", exc.reason, exc.offset)
         return result
     with image:
-        return image.check()
+        result = image.check()
+    if image.backing_reference:
+        try:
+            open_image(path, format).close()
+        except ImageError as exc:
+            if isinstance(exc, ReadOnlyImage):
+                raise
+            result.corruption(exc.structure or "backing chain", str(exc), exc.offset)
+    return result
 
 
 def _probe_name(path: Path, probe: Any) -> str:

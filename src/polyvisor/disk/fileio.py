@@ -10,6 +10,7 @@ is complete and flushed; an abandoned output leaves nothing under a final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import stat
@@ -19,6 +20,8 @@ from polyvisor.errors import OperationFailed, ReadOnlyImage, TruncatedImage
 
 #: Bytes handed to a single ``pread``/``pwrite``; larger requests are split.
 IO_CHUNK = 16 << 20
+#: No file offset polyvisor follows may reach this (os.pread overflows at 2^63; no real image is near it).
+MAX_OFFSET = 1 << 62
 
 
 class ImageFile:
@@ -59,8 +62,8 @@ class ImageFile:
 
     def read(self, offset: int, length: int, structure: str) -> bytes:
         """Read exactly *length* bytes at *offset*; a short read is a :class:`TruncatedImage`."""
-        if offset < 0 or length < 0:
-            raise TruncatedImage(self.display_path, f"negative position ({length} bytes)",
+        if offset < 0 or length < 0 or offset + length > MAX_OFFSET:
+            raise TruncatedImage(self.display_path, f"impossible position ({length} bytes)",
                                  structure=structure, offset=offset)
         if length == 0:
             return b""
@@ -81,7 +84,7 @@ class ImageFile:
 
     def read_upto(self, offset: int, length: int) -> bytes:
         """Read at most *length* bytes at *offset* (fewer at end of file)."""
-        if length <= 0 or offset < 0:
+        if length <= 0 or offset < 0 or offset > MAX_OFFSET:
             return b""
         return os.pread(self.fd, length, offset)
 
@@ -89,6 +92,8 @@ class ImageFile:
         """Fill *buf* from *offset*; returns the bytes read (short only at end of file)."""
         total = 0
         view = buf.cast("B") if buf.format != "B" else buf
+        if offset < 0 or offset + len(view) > MAX_OFFSET:
+            return 0
         while total < len(view):
             n = os.preadv(self.fd, [view[total : total + IO_CHUNK]], offset + total)
             if n <= 0:
@@ -132,11 +137,14 @@ class ImageFile:
         self.write(offset, bytes(length))
 
     def seek_data(self, offset: int) -> int | None:
-        """Next offset >= *offset* holding data (SEEK_DATA), or None past the last data."""
+        """Next offset >= *offset* holding data (SEEK_DATA), or None past the last data.
+
+        Where the file cannot say (no SEEK_DATA support, a block device), everything counts as data.
+        """
         try:
             return os.lseek(self.fd, offset, os.SEEK_DATA)
-        except OSError:
-            return None
+        except OSError as exc:
+            return None if exc.errno == errno.ENXIO else offset
 
     def seek_hole(self, offset: int) -> int:
         """Next hole at or after *offset* (SEEK_HOLE); end of file counts as a hole."""

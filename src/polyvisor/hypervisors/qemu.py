@@ -638,12 +638,7 @@ def _probe_format(path: Path) -> str:
     """The format of a disk file whose model does not say (polyvisor.disk's probe)."""
     from polyvisor.disk import probe_format
 
-    name = probe_format(path)
-    if name == "raw":
-        with open(path, "rb") as handle:
-            if handle.read(4) == b"QFI\xfb":  # qcow2 magic (QEMU docs/interop/qcow2.txt), if no qcow2 reader
-                return "qcow2"
-    return name
+    return probe_format(path)
 
 
 @register_driver
