@@ -7,15 +7,20 @@ become one line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 from polyvisor import __version__
-from polyvisor.cli import demo, disk, v2v, vm
+from polyvisor.cli import demo, disk, hypervisors, v2v, vm
 from polyvisor.errors import PolyvisorError
 
 #: Exit status for a PolyvisorError (``disk compare`` and ``disk check`` have their own, as qemu-img).
 EXIT_ERROR = 1
+
+#: Modules contributing ``polyvisor vm`` subcommands; each has ``register_vm(vm_commands)``.
+VM_COMMAND_MODULES: tuple[ModuleType, ...] = (vm, hypervisors)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,10 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Make virtual machines portable between hypervisors.",
     )
     parser.add_argument("--version", action="version", version=f"polyvisor {__version__}")
+    parser.add_argument("-c", "--connect", metavar="URI", default=os.environ.get("POLYVISOR_URI"),
+                        help=hypervisors.URI_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     disk.register(commands)
-    vm.register(commands)
+    vm_parser = commands.add_parser(
+        "vm", help="inspect VM packages; manage the VMs of a hypervisor (-c URI)")
+    vm_commands = vm_parser.add_subparsers(dest="vm_command", metavar="SUBCOMMAND", required=True)
+    for module in VM_COMMAND_MODULES:
+        module.register_vm(vm_commands)
     v2v.register(commands)
+    hypervisors.register(commands)
     demo.register(commands)
     return parser
 

@@ -12,10 +12,8 @@ from polyvisor.vm.codecs import ReadOptions, read_package, registered_codecs
 from polyvisor.vm.model import disk_label
 
 
-def register(commands: Any) -> None:
-    """Add ``vm`` and its subcommands to the top-level parser."""
-    vm = commands.add_parser("vm", help="inspect VM packages (OVA, OVF, .vmx, libvirt XML, .vbox, XVA, ...)")
-    sub = vm.add_subparsers(dest="vm_command", metavar="SUBCOMMAND", required=True)
+def register_vm(sub: Any) -> None:
+    """Add ``inspect`` and ``codecs`` to ``polyvisor vm`` (whose parser :mod:`polyvisor.cli` makes)."""
     p = sub.add_parser("inspect", help="show the VM a package describes, its codec and its disks")
     p.add_argument("--json", action="store_true", help="print JSON: the codec, the disks and the model")
     p.add_argument("--codec", metavar="NAME", help="the package's codec (probed if omitted)")

@@ -217,6 +217,11 @@ class Driver:
     description: ClassVar[str] = ""
     #: Native state name -> common state.
     STATE_MAP: ClassVar[Mapping[str, VmState]] = {}
+    #: The disk format (a :mod:`polyvisor.disk` format name) a cold migration converts disks into for this driver.
+    preferred_disk_format: ClassVar[str] = "raw"
+    #: The :data:`polyvisor.vm.mapping.drivers.TARGETS` entry whose devices a VM coming from another hypervisor
+    #: is adapted to (None: keep the model's devices).
+    device_target: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
