@@ -115,7 +115,7 @@ def test_convert_onto_a_backing_file_stores_only_differences(fmt: str, workdir: 
     with open_image(workdir / f"top.{fmt}") as top:
         assert top.backing is not None
         assert top.read(0, SIZE) == wanted.read_bytes()
-    if fmt in QEMU_CHECKS:
+    if fmt in QEMU_CHECKS and fmt != "vhdx":  # qemu opens no differencing VHDX
         qemu_check(workdir / f"top.{fmt}", fmt)
     if fmt in ("qcow2", "vmdk"):  # qemu opens backing files only for these
         qemu_compare(workdir / f"top.{fmt}", fmt, wanted, "raw")

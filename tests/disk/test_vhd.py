@@ -573,7 +573,9 @@ def test_parent_with_another_unique_id(workdir: Path) -> None:
     qemu_create(base, "vhd", 6 * MIB, "subformat=dynamic,force_size=on")
     with pytest.raises(BackingChainError, match="unique id"):
         open_image(child)
-    assert check_image(child).corruptions == 0  # check does not follow the parent
+    result = check_image(child)  # the layer is sound; check reports the broken chain
+    assert result.corruptions == 1
+    assert "unique id" in result.problems[0].message
 
 
 def test_parent_loop(workdir: Path) -> None:

@@ -38,7 +38,8 @@ def test_hostile_image(case: Case, tmp_path: Path) -> None:
     assert outcome["seconds"] < 1.0, f"{case.what}: took {outcome['seconds']:.2f} s"
     assert outcome["peak_bytes"] < PEAK_BYTES, f"{case.what}: allocated {outcome['peak_bytes'] >> 20} MiB"
     check = outcome["check"]
-    assert check.get("error") or check["corruptions"] > 0, f"{case.what}: check found nothing: {check}"
+    if case.check_finds:
+        assert check.get("error") or check["corruptions"] > 0, f"{case.what}: check found nothing: {check}"
     after = {p: p.read_bytes() for p in before}
     assert after == before, "a hostile source was modified"
 

@@ -71,8 +71,13 @@ CORPUS: dict[str, VmModel] = {
 
 
 def adapt(model: VmModel, codec: type[Codec]) -> VmModel:
-    """*model* made expressible by *codec*: devices its hypervisor offers, disks in its first native format."""
-    adapted = choose_devices(model, codec.target).model
+    """*model* made expressible by *codec*: devices its hypervisor offers, disks in its first native format.
+
+    Guests moved to Xen are assumed to carry the Xen PV drivers, and guests moved to VirtualBox the virtio-win
+    drivers (Windows 8 and later have no inbox driver for any NIC VirtualBox emulates but virtio)."""
+    drivers = ("xen-pv",) if codec.target.startswith("xen") else ("virtio-win",) if codec.target == "virtualbox" \
+        else ()
+    adapted = choose_devices(model, codec.target, drivers=drivers).model
     fmt, sub = codec.disk_formats[0]
     disks = tuple(dataclasses.replace(d, format=fmt, subformat=sub) if d.device == DeviceKind.DISK else d
                   for d in adapted.disks)

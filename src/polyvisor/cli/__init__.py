@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from polyvisor import __version__
-from polyvisor.cli import demo, disk
+from polyvisor.cli import demo, disk, v2v, vm
 from polyvisor.errors import PolyvisorError
 
 #: Exit status for a PolyvisorError (``disk compare`` and ``disk check`` have their own, as qemu-img).
@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"polyvisor {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     disk.register(commands)
+    vm.register(commands)
+    v2v.register(commands)
     demo.register(commands)
     return parser
 

@@ -10,6 +10,7 @@ is complete and flushed; an abandoned output leaves nothing under a final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import stat
@@ -136,11 +137,14 @@ class ImageFile:
         self.write(offset, bytes(length))
 
     def seek_data(self, offset: int) -> int | None:
-        """Next offset >= *offset* holding data (SEEK_DATA), or None past the last data."""
+        """Next offset >= *offset* holding data (SEEK_DATA), or None past the last data.
+
+        Where the file cannot say (no SEEK_DATA support, a block device), everything counts as data.
+        """
         try:
             return os.lseek(self.fd, offset, os.SEEK_DATA)
-        except OSError:
-            return None
+        except OSError as exc:
+            return None if exc.errno == errno.ENXIO else offset
 
     def seek_hole(self, offset: int) -> int:
         """Next hole at or after *offset* (SEEK_HOLE); end of file counts as a hole."""

@@ -107,6 +107,34 @@ class Run:
     unit_offset: int = 0
 
 
+def sparse_file_runs(file: ImageFile, host: int, length: int, guest: int) -> Iterator[Run]:
+    """Runs for *length* guest bytes stored verbatim at *host* in *file*, the first at guest offset *guest*.
+
+    Holes of a sparse file (SEEK_DATA/SEEK_HOLE) are zeros; bytes past the end of the file are data, so
+    that reading them raises TruncatedImage naming the file.
+    """
+    pos, end = host, host + length
+    file_end = file.size
+    while pos < end:
+        if pos >= file_end:
+            yield Run(guest + pos - host, end - pos, ExtentKind.DATA, file=file, host_offset=pos)
+            return
+        stop = min(end, file_end)
+        data = file.seek_data(pos)
+        if data is None or data >= stop:
+            yield Run(guest + pos - host, stop - pos, ExtentKind.ZERO)
+            pos = stop
+            continue
+        if data > pos:
+            yield Run(guest + pos - host, data - pos, ExtentKind.ZERO)
+            pos = data
+        hole = min(file.seek_hole(pos), stop)
+        if hole <= pos:
+            hole = stop
+        yield Run(guest + pos - host, hole - pos, ExtentKind.DATA, file=file, host_offset=pos)
+        pos = hole
+
+
 @dataclass
 class ProbeSample:
     """What format probes look at: the start and the end of a file."""

@@ -123,8 +123,8 @@ class ChainGuard:
             raise BackingChainError(path, f"backing chain loops: {chain}", structure="backing chain")
         if len(self.seen) >= self.policy.max_chain_depth:
             raise BackingChainError(
-                path,
-                f"backing chain deeper than {self.policy.max_chain_depth} images",
+                self.seen[0],
+                f"backing chain deeper than {self.policy.max_chain_depth} images (stopped at {path})",
                 structure="backing chain",
             )
         self.seen.append(real)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Self
 
 from polyvisor.disk.check import CheckResult
 from polyvisor.disk.fileio import ImageFile, OutputFiles
-from polyvisor.disk.image import DiskImage, ExtentKind, ProbeSample, Run
+from polyvisor.disk.image import DiskImage, ProbeSample, Run, sparse_file_runs
 from polyvisor.disk.registry import register_format
 
 if TYPE_CHECKING:
@@ -54,25 +54,7 @@ class RawImage(DiskImage):
         return self.files[0]
 
     def _map(self, offset: int, length: int) -> Iterator[Run]:
-        end = offset + length
-        pos = offset
-        file_end = self._file.size
-        while pos < end:
-            if pos >= file_end:
-                yield Run(pos, end - pos, ExtentKind.ZERO)
-                return
-            data = self._file.seek_data(pos)
-            if data is None or data >= end:
-                yield Run(pos, end - pos, ExtentKind.ZERO)
-                return
-            if data > pos:
-                yield Run(pos, data - pos, ExtentKind.ZERO)
-                pos = data
-            hole = min(self._file.seek_hole(pos), end)
-            if hole <= pos:  # filesystems without SEEK_HOLE report the whole file as data
-                hole = end
-            yield Run(pos, hole - pos, ExtentKind.DATA, file=self._file, host_offset=pos)
-            pos = hole
+        return sparse_file_runs(self._file, offset, length, offset)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write guest bytes in place."""

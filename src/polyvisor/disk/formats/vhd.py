@@ -112,7 +112,7 @@ from polyvisor.disk.formats.vhd_structs import (
     vhd_time_text,
     with_checksum,
 )
-from polyvisor.disk.image import DiskImage, ExtentKind, ProbeSample, Run, is_zero
+from polyvisor.disk.image import DiskImage, ExtentKind, ProbeSample, Run, is_zero, sparse_file_runs
 from polyvisor.disk.paths import windows_path_to_relative
 from polyvisor.disk.registry import register_format
 from polyvisor.disk.structs import align_up, is_power_of_two
@@ -829,21 +829,7 @@ class VhdImage(DiskImage):
 
     def _map_fixed(self, offset: int, length: int) -> Iterator[Run]:
         """A fixed disk's data is the start of the file; holes of a sparse file read as zeros."""
-        end = offset + length
-        pos = offset
-        while pos < end:
-            data = self._file.seek_data(pos)
-            if data is None or data >= end:
-                yield Run(pos, end - pos, ExtentKind.ZERO)
-                return
-            if data > pos:
-                yield Run(pos, data - pos, ExtentKind.ZERO)
-                pos = data
-            hole = min(self._file.seek_hole(pos), end)
-            if hole <= pos:
-                hole = end
-            yield Run(pos, hole - pos, ExtentKind.DATA, file=self._file, host_offset=pos)
-            pos = hole
+        return sparse_file_runs(self._file, offset, length, offset)
 
     def _bitmap(self, index: int) -> bytearray:
         """The sector bitmap of allocated block *index* (cached)."""

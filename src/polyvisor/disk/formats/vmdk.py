@@ -87,7 +87,7 @@ from polyvisor.disk.formats.vmdk_structs import (
     python_codec,
     with_new_cid,
 )
-from polyvisor.disk.image import DiskImage, ExtentKind, ProbeSample, Run, is_zero
+from polyvisor.disk.image import DiskImage, ExtentKind, ProbeSample, Run, is_zero, sparse_file_runs
 from polyvisor.disk.paths import windows_path_to_relative
 from polyvisor.disk.registry import register_format
 from polyvisor.disk.structs import align_up
@@ -327,31 +327,7 @@ class _FlatExtent(_Extent):
 
     def map(self, rel: int, length: int) -> Iterator[Run]:
         """Holes of the file (SEEK_DATA/SEEK_HOLE) are zeros; bytes past its end are a truncation."""
-        file = self.flat_file
-        pos = self.file_offset + rel
-        end = pos + length
-        file_end = file.size
-        while pos < end:
-            if pos >= file_end:  # reading it raises TruncatedImage naming the file
-                yield Run(self._guest(pos), end - pos, ExtentKind.DATA, file=file, host_offset=pos)
-                return
-            data = file.seek_data(pos)
-            if data is None or data >= min(end, file_end):
-                stop = min(end, file_end)
-                yield Run(self._guest(pos), stop - pos, ExtentKind.ZERO)
-                pos = stop
-                continue
-            if data > pos:
-                yield Run(self._guest(pos), data - pos, ExtentKind.ZERO)
-                pos = data
-            hole = min(file.seek_hole(pos), end)
-            if hole <= pos:
-                hole = end
-            yield Run(self._guest(pos), hole - pos, ExtentKind.DATA, file=file, host_offset=pos)
-            pos = hole
-
-    def _guest(self, host: int) -> int:
-        return self.start + host - self.file_offset
+        return sparse_file_runs(self.flat_file, self.file_offset + rel, length, self.start + rel)
 
     def write(self, rel: int, data: memoryview | None, length: int) -> None:
         self._require_writable()

@@ -25,10 +25,21 @@ from typing import IO, Any, ClassVar
 
 from polyvisor.disk.paths import DEFAULT_POLICY, ReferencePolicy
 from polyvisor.errors import ManifestMismatch, PackageError, UnmappableModel, UsageError
-from polyvisor.vm.model import Cpu, VmModel
+from polyvisor.vm.model import Bus, Controller, ControllerModel, Cpu, DeviceKind, VmModel
 from polyvisor.vm.safety import MAX_DESCRIPTOR
 
 COPY_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Piece:
+    """``length`` bytes of a raw disk at guest offset ``offset``, stored at ``file_offset`` of the package file;
+    ``digest`` is the package's ``(algorithm, hex digest)`` of those bytes (an XVA chunk and its checksum)."""
+
+    offset: int
+    file_offset: int
+    length: int
+    digest: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -38,12 +49,15 @@ class DiskSource:
     For a directory package the image is the whole file ``path``; for an OVA it
     is ``size`` bytes at ``offset`` inside the archive.  ``digest`` is the
     manifest's ``(algorithm, hex digest)`` when the package had one (verified).
+    For an XVA the image is a raw disk of ``size`` bytes assembled from
+    ``pieces`` of the archive (zeros between them).
     """
 
     path: Path
     offset: int = 0
     size: int | None = None
     digest: tuple[str, str] | None = None
+    pieces: tuple[Piece, ...] | None = None
 
     @property
     def is_member(self) -> bool:
@@ -52,6 +66,9 @@ class DiskSource:
 
     def open_stream(self) -> Iterator[bytes]:
         """The image's bytes, in chunks of at most 1 MiB."""
+        if self.pieces is not None:
+            yield from self._assembled()
+            return
         with open(self.path, "rb") as handle:
             handle.seek(self.offset)
             remaining = self.size
@@ -65,6 +82,46 @@ class DiskSource:
                 if remaining is not None:
                     remaining -= len(chunk)
                 yield chunk
+
+    def _assembled(self) -> Iterator[bytes]:
+        assert self.pieces is not None
+        assert self.size is not None
+        position = 0
+        with open(self.path, "rb") as handle:
+            for piece in self.pieces:
+                while position < piece.offset:
+                    step = min(COPY_CHUNK, piece.offset - position)
+                    yield bytes(step)
+                    position += step
+                yield read_piece(handle, piece, self.path)
+                position += piece.length
+        while position < self.size:
+            step = min(COPY_CHUNK, self.size - position)
+            yield bytes(step)
+            position += step
+
+
+def read_piece(handle: IO[bytes], piece: Piece, path: Path) -> bytes:
+    """The bytes of *piece* from the open package file, re-checked against its digest."""
+    handle.seek(piece.file_offset)
+    data = handle.read(piece.length)
+    if len(data) != piece.length:
+        raise PackageError(f"ends inside the piece at offset {piece.file_offset}", path=path)
+    if piece.digest is not None and _piece_digest(piece.digest[0], data) != piece.digest[1]:
+        raise ManifestMismatch(f"the {piece.digest[0]} checksum of the data at offset {piece.file_offset} "
+                               "changed after it was verified", path=path)
+    return data
+
+
+def _piece_digest(algorithm: str, data: bytes) -> str:
+    if algorithm == "xxh64":
+        try:
+            import xxhash
+        except ImportError:  # the checksums of newer XenServer exports (PyPI package xxhash)
+            raise PackageError("verifying .xxhash (XXH64) checksums needs the Python package xxhash") from None
+
+        return f"{xxhash.xxh64_intdigest(data):016X}"
+    return hashlib.new(algorithm, data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -98,6 +155,15 @@ class VmPackage:
         out: dict[str, Path] = {}
         with OutputFiles(dest) as files:
             for name, src in sorted(self.disks.items()):
+                if src.pieces is not None:
+                    with files.open(name) as handle, open(src.path, "rb") as archive:
+                        assert src.size is not None
+                        for piece in src.pieces:  # written sparse: holes stay holes
+                            handle.seek(piece.offset)
+                            handle.write(read_piece(archive, piece, src.path))
+                        handle.truncate(src.size)
+                    out[name] = dest / name
+                    continue
                 with files.open(name) as handle:
                     hasher = hashlib.new(src.digest[0]) if src.digest else None
                     for chunk in src.open_stream():
@@ -239,14 +305,28 @@ class Codec(abc.ABC):
 def drop_fields(model: VmModel, paths: frozenset[str] | set[str]) -> VmModel:
     """*model* with every field named in *paths* reset to its default, to compare models through a lossy
     codec: ``disks.capacity`` resets every disk's capacity; ``cpu.threads`` folds threads into cores (the
-    vCPU count stays); ``vendor`` drops all vendor keys."""
+    vCPU count stays); ``cpu.topology`` keeps only the vCPU count (as cores of one socket);
+    ``disks.removable`` drops CD-ROM and floppy drives; ``disks.address`` puts every disk, in order, on one
+    NVMe controller (for packages that list disks without saying where they sit); ``vendor`` drops all vendor
+    keys."""
     result = model
-    for path in sorted(paths):
+    for path in sorted(paths, key=lambda p: (p != "disks.removable", p)):
         head, _, rest = path.partition(".")
         changes: dict[str, Any] = {}
         if path == "cpu.threads":
             cpu = result.cpu
             changes["cpu"] = Cpu(cpu.sockets, cpu.cores * cpu.threads, 1)
+        elif path == "cpu.topology":
+            changes["cpu"] = Cpu(1, result.cpu.count, 1)
+        elif path == "disks.removable":
+            kept = tuple(d for d in result.disks if d.device == DeviceKind.DISK)
+            used = {(d.bus, d.controller) for d in kept}
+            changes["disks"] = kept
+            changes["controllers"] = tuple(c for c in result.controllers if (c.bus, c.index) in used)
+        elif path == "disks.address":
+            changes["disks"] = tuple(dataclasses.replace(d, bus=Bus.NVME, controller=0, unit=i)
+                                     for i, d in enumerate(result.disks))
+            changes["controllers"] = (Controller(ControllerModel.NVME, 0),) if result.disks else ()
         elif not rest:
             changes[head] = _field_default(VmModel, head)
         else:
@@ -274,4 +354,4 @@ def _field_default(cls: type[Any], name: str) -> Any:
     raise KeyError(f"{cls.__name__}.{name} has no default")
 
 
-__all__ = ["Codec", "DiskSource", "OutputFiles", "ReadOptions", "VmPackage", "drop_fields"]
+__all__ = ["Codec", "DiskSource", "OutputFiles", "Piece", "ReadOptions", "VmPackage", "drop_fields", "read_piece"]

@@ -137,6 +137,7 @@ class LibvirtCodec(Codec):
     def write(cls, model: VmModel, outdir: Path, disk_paths: Mapping[str, Path]) -> list[Path]:
         cls.check_disks(model, disk_paths)
         outdir = Path(outdir).resolve()
+        ET.register_namespace("polyvisor", POLYVISOR_NS)  # the OVF codec uses the same prefix for its own
         root = _write_domain(model, outdir)
         with OutputFiles(outdir) as files:
             for disk in model.disks:

@@ -557,6 +557,7 @@ def _disk_capacity(disk: Disk, path: Path) -> int:
 
 def build_ovf(model: VmModel, disk_paths: Mapping[str, Path]) -> bytes:
     """The OVF 1.0 descriptor for *model* (disk files as named by ``Disk.path``)."""
+    ET.register_namespace("polyvisor", PV)  # the libvirt codec uses the same prefix for its own namespace
     vendor = model.vendor_keys(CODEC)
     env = ET.Element(f"{{{OVF1}}}Envelope", {f"{{{OVF1}}}version": "1.0",
                                              "{http://www.w3.org/XML/1998/namespace}lang": "en-US"})

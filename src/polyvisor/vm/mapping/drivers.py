@@ -207,6 +207,10 @@ TARGETS: dict[str, Target] = {
         Target("hyperv-gen1", (C.IDE, C.STORVSC), (C.IDE,), (N.NETVSC,), (Firmware.BIOS,)),
         Target("hyperv-gen2", (C.STORVSC,), (C.STORVSC,), (N.NETVSC,), (Firmware.UEFI,)),
         Target("xen-pv", (C.XEN_BLKFRONT,), (C.XEN_BLKFRONT, C.IDE), (N.NETFRONT,)),
+        # xl HVM guests (xl.cfg(5)): PV disks and NICs, or the emulated IDE/NICs of qemu-xen
+        Target("xen-hvm", (C.XEN_BLKFRONT, C.IDE), (C.IDE,), (N.NETFRONT, N.E1000, N.E1000E, N.RTL8139)),
+        # XenServer / XCP-ng: every VBD and VIF is a PV device (the emulated twins are not configurable)
+        Target("xenserver", (C.XEN_BLKFRONT,), (C.XEN_BLKFRONT,), (N.NETFRONT,)),
     )
 }
 
@@ -318,13 +322,23 @@ def _os_name(os: GuestOS) -> str:
 
 def _readdress(model: VmModel, replaced: dict[tuple[Bus, int], ControllerModel],
                ) -> tuple[tuple[Controller, ...], tuple[Disk, ...]]:
-    """New controllers (re-indexed per bus) and disks moved onto them."""
+    """New controllers (re-indexed per bus) and disks moved onto them.
+
+    A replaced controller joins a controller of the same new model when there is one (an NVMe disk moved
+    to AHCI shares the existing SATA controller), so targets that number devices on one controller per
+    bus (Proxmox, Hyper-V) can express the result; controllers kept as they were keep their own."""
     new_index: dict[tuple[Bus, int], tuple[Bus, int]] = {}
     controllers: list[Controller] = []
     counts: dict[Bus, int] = {}
-    for ctrl in model.controllers:
+    order = sorted(model.controllers, key=lambda c: replaced[(c.bus, c.index)] != c.model)  # kept ones first
+    for ctrl in order:
         new_model = replaced[(ctrl.bus, ctrl.index)]
         bus = CONTROLLER_BUS[new_model]
+        if new_model != ctrl.model:
+            existing = next((c for c in controllers if c.model == new_model), None)
+            if existing is not None:
+                new_index[(ctrl.bus, ctrl.index)] = (bus, existing.index)
+                continue
         index = counts.get(bus, 0)
         counts[bus] = index + 1
         new_index[(ctrl.bus, ctrl.index)] = (bus, index)
