@@ -2,7 +2,7 @@
 
 libvirt allows one embedded root per process, so every test of a pytest
 process shares :func:`embed_root` (a short directory under /tmp: QEMU's
-monitor socket lives under it).  Each harness destroys and undefines the
+monitor socket lives under it), with the v2v boot tests.  Each harness destroys and undefines the
 domains it defined; at exit every domain left in the root is destroyed and
 the root removed, so no QEMU outlives the tests.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from polyvisor.errors import HypervisorError
 from polyvisor.hypervisors.libvirt import LibvirtDriver
 from polyvisor.vm.model import Bus, Controller, ControllerModel, Cpu, DeviceKind, Disk, MiB, Serial, VmModel
 from tests.hypervisors.harness import Harness, harness
+from tests.vm.libvirt_boot import _embed_root as shared_embed_root
 
 #: What the counter guest prints first.
 COUNTER_MARKER = f"{COUNTER_PREFIX} 0"
@@ -49,11 +49,16 @@ def _cleanup_root(root: Path) -> None:
 
 
 def embed_root() -> Path:
-    """The embedded driver's root for this test process (created on first use, removed at exit)."""
+    """The embedded driver's root for this test process (created on first use, removed at exit).
+
+    libvirt allows one embedded root per process, and tests/vm/libvirt_boot.py boots converted guests
+    under one too, so this is that root (its qemu.conf is the one the driver writes, plus options for
+    hosts without cgroups).  Domains left in it are destroyed at exit.
+    """
     global _root  # noqa: PLW0603 - one embedded root per process, as libvirt requires
     with _lock:
         if _root is None:
-            _root = Path(tempfile.mkdtemp(prefix="pv-lv-", dir="/tmp"))
+            _root = shared_embed_root()
             atexit.register(_cleanup_root, _root)
         return _root
 

@@ -206,6 +206,7 @@ def _prepare_embed_root(root: Path) -> None:
     if len(str(root)) > MAX_EMBED_ROOT:
         raise ConnectionFailed(NAME, f"embedded root {str(root)!r} is longer than {MAX_EMBED_ROOT} characters: "
                                      "QEMU's monitor socket under it would exceed the UNIX socket path limit")
+    (root / "console").mkdir(parents=True, exist_ok=True)
     conf = root / "etc" / "qemu.conf"
     if conf.exists():
         return
@@ -220,7 +221,6 @@ def _prepare_embed_root(root: Path) -> None:
             'group = "+0"',
         ]
     conf.parent.mkdir(parents=True, exist_ok=True)
-    (root / "console").mkdir(exist_ok=True)
     conf.write_text("\n".join(lines) + "\n")
 
 
