@@ -184,6 +184,8 @@ def test_vm_import_uploads_then_requests_import_image(tmp_path: Path) -> None:
         assert objects[0]["Key"].endswith("/sparse.vmdk")
         body = driver.s3.get_object(Bucket="polyvisor-imports", Key=objects[0]["Key"])["Body"].read()
         assert b"createType=\"streamOptimized\"" in body
+        with pytest.raises(HypervisorError, match="DescribeImportImageTasks"):  # moto lacks it too
+            driver.ex_import_status("import-ami-0123456789abcdef0")
     with ec2_driver() as (driver, _), pytest.raises(UsageError, match="bucket"):
         driver.ex_vm_import(source)
 
