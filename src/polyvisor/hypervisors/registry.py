@@ -71,7 +71,8 @@ def driver_classes() -> dict[str, type[Driver]]:
 def driver_for(uri: str) -> type[Driver]:
     """The driver class that handles *uri*."""
     scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
-    candidates = DRIVER_MODULES.get(scheme, ())
+    # "libvirt+qemu", "xen+ssh": a transport or driver prefix falls back to the scheme before the "+".
+    candidates = DRIVER_MODULES.get(scheme) or DRIVER_MODULES.get(scheme.split("+", 1)[0], ())
     if not candidates:
         known = ", ".join(sorted(DRIVER_MODULES))
         raise UnknownDriver("polyvisor", f"no driver for URI {uri!r} (known schemes: {known})")
