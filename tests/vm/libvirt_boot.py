@@ -63,7 +63,7 @@ class LibvirtBoot:
 
 def _libvirt() -> Any:
     try:
-        import libvirt  # type: ignore[import-untyped]  # libvirt-python ships no type information
+        import libvirt  # libvirt-python ships no type information
     except ImportError as exc:  # a missing peer fails the test with the packages to install
         raise AssertionError("libvirt-python is not installed: pip install libvirt-python (needs Debian "
                              "libvirt-dev and pkg-config), and Debian libvirt-daemon-system and "

@@ -53,10 +53,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
-import boto3  # type: ignore[import-untyped]
-import botocore.config  # type: ignore[import-untyped]
-import botocore.exceptions  # type: ignore[import-untyped]
-import botocore.parsers  # type: ignore[import-untyped]
+import boto3
+import botocore.config
+import botocore.exceptions
+import botocore.parsers
 
 from polyvisor.disk import CreateOptions, open_image
 from polyvisor.disk.convert import convert

@@ -80,7 +80,7 @@ from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-import libvirt  # type: ignore[import-untyped]
+import libvirt
 
 from polyvisor.disk import ReferencePolicy, probe_format
 from polyvisor.errors import (
