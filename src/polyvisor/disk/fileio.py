@@ -20,6 +20,11 @@ from polyvisor.errors import OperationFailed, ReadOnlyImage, TruncatedImage
 
 #: Bytes handed to a single ``pread``/``pwrite``; larger requests are split.
 IO_CHUNK = 16 << 20
+#: New output files start writing back to disk every this many bytes of large writes, so the fsync that
+#: precedes the final rename finds little left to do (the disk works while polyvisor converts).
+WRITEBACK_BATCH = 64 << 20
+#: Writes at least this large count as data (smaller ones are metadata, left to the final fsync).
+WRITEBACK_MIN_WRITE = 1 << 20
 #: No file offset polyvisor follows may reach this (os.pread overflows at 2^63; no real image is near it).
 MAX_OFFSET = 1 << 62
 
@@ -34,6 +39,10 @@ class ImageFile:
         self.fd = fd
         self.writable = writable
         self.closed = False
+        #: Whether large writes start their writeback early (set for new output files).
+        self.early_writeback = False
+        self._unsynced: list[tuple[int, int]] = []
+        self._unsynced_bytes = 0
 
     @classmethod
     def open(cls, path: Path, *, writable: bool = False) -> ImageFile:
@@ -123,6 +132,23 @@ class ImageFile:
             if n <= 0:
                 raise OperationFailed(f"{self.display_path}: short write at offset {offset + done}")
             done += n
+        if self.early_writeback and len(view) >= WRITEBACK_MIN_WRITE:
+            self._unsynced.append((offset, len(view)))
+            self._unsynced_bytes += len(view)
+            if self._unsynced_bytes >= WRITEBACK_BATCH:
+                self.start_writeback()
+
+    def start_writeback(self) -> None:
+        """Ask the kernel to start writing the recent large writes to disk, without waiting.
+
+        ``POSIX_FADV_DONTNEED`` starts writeback of dirty pages in the range (and drops clean ones from
+        the page cache: a converted image should not push everything else out of it).
+        """
+        for offset, length in self._unsynced:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+        self._unsynced.clear()
+        self._unsynced_bytes = 0
 
     def truncate(self, length: int) -> None:
         """Set the file length (extending creates a hole)."""
@@ -192,6 +218,7 @@ class OutputFiles:
         except OSError as exc:
             raise OperationFailed(f"{final}: cannot create: {exc.strerror}") from exc
         handle = ImageFile(tmp, fd, writable=True, display_path=final)
+        handle.early_writeback = True
         self._pending.append((handle, final))
         return handle
 
