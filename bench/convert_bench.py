@@ -10,9 +10,12 @@ It builds its inputs once (in ``--workdir``, default ``/var/tmp/polyvisor-bench`
 * ``realistic.raw`` — a tar of ``/usr`` written onto a raw disk (compressible, real-world bytes);
 * ``sparse-1t.raw`` — 1 TiB sparse, holding 1 GiB of random data in 1 MiB pieces scattered over it;
 
-then times both tools on each case, alternating which goes first, over several
-runs, and prints one table: case, median MB/s of each (virtual bytes per
-second), the ratio polyvisor/qemu-img, and the peak RSS of each process.
+then times each case four ways, rotating which goes first, over several runs,
+and prints one table of medians (MB/s of virtual size) and the peak RSS of each
+tool.  polyvisor's default output is durable (fsync before the rename), which
+qemu-img does not do, so it is compared with qemu-img followed by fdatasync of
+its output; ``polyvisor --no-sync`` (kernel writeback later, like qemu-img) is
+compared with plain qemu-img.
 """
 
 from __future__ import annotations
@@ -157,15 +160,21 @@ def build_inputs(workdir: Path, *, mixed_size: int, realistic_size: int, say: bo
 # ------------------------------------------------------------------ timing
 
 
-def _timed(argv: list[str], outdir: Path) -> Sample:
-    """Run *argv* once into an empty *outdir*; its wall time and peak RSS."""
+def _timed(argv: list[str], outdir: Path, *, sync_after: bool) -> Sample:
+    """Run *argv* once into an empty *outdir*; its wall time (plus fdatasync of its outputs if asked) and RSS."""
     shutil.rmtree(outdir, ignore_errors=True)
     outdir.mkdir(parents=True)
+    os.sync()  # start every run with no earlier run's writeback or discards in flight (not timed)
     started = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert proc.stderr is not None
     stderr = proc.stderr.read().decode(errors="replace")  # small: only errors are printed
     _, status, usage = os.wait4(proc.pid, 0)
+    if sync_after:  # what it takes for the output to be on disk, as polyvisor's default guarantees
+        for path in outdir.iterdir():
+            fd = os.open(path, os.O_RDONLY)
+            os.fdatasync(fd)
+            os.close(fd)
     seconds = time.monotonic() - started
     proc.stderr.close()
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -174,25 +183,34 @@ def _timed(argv: list[str], outdir: Path) -> Sample:
     return Sample(seconds, usage.ru_maxrss)
 
 
-def run_case(case: Case, workdir: Path, runs: int) -> tuple[list[Sample], list[Sample]]:
-    """Time both tools on *case*, alternating which runs first."""
+#: The four ways each case is run: (label, tool, polyvisor --no-sync, fdatasync the output after qemu-img).
+VARIANTS = [
+    ("polyvisor", "polyvisor", False, False),
+    ("qemu-img+sync", "qemu-img", False, True),
+    ("polyvisor --no-sync", "polyvisor", True, False),
+    ("qemu-img", "qemu-img", False, False),
+]
+
+
+def run_case(case: Case, workdir: Path, runs: int) -> dict[str, list[Sample]]:
+    """Time every variant of *case*, rotating which runs first."""
     source = workdir / case.source
-    dir_p, dir_q = workdir / "out" / "polyvisor", workdir / "out" / "qemu-img"
     name = f"out.{case.target_format}"
-    polyvisor = [str(REPO / ".venv" / "bin" / "polyvisor"), "disk", "convert", "-f", case.source_format,
-                 "-O", case.target_format, *case.polyvisor_options, str(source), str(dir_p / name)]
-    qemu = ["qemu-img", "convert", "-f", QEMU_FORMAT[case.source_format], "-O", QEMU_FORMAT[case.target_format],
-            *case.qemu_options, str(source), str(dir_q / name)]
-    p_samples: list[Sample] = []
-    q_samples: list[Sample] = []
+    samples: dict[str, list[Sample]] = {label: [] for label, *_ in VARIANTS}
     for run in range(runs):
-        order = [(polyvisor, dir_p, p_samples), (qemu, dir_q, q_samples)]
-        if run % 2:
-            order.reverse()
-        for argv, outdir, samples in order:
-            samples.append(_timed(argv, outdir))
+        order = VARIANTS[run % len(VARIANTS):] + VARIANTS[: run % len(VARIANTS)]
+        for label, tool, no_sync, sync_after in order:
+            outdir = workdir / "out" / label.replace(" ", "_")
+            if tool == "polyvisor":
+                argv = [str(REPO / ".venv" / "bin" / "polyvisor"), "disk", "convert", "-f", case.source_format,
+                        "-O", case.target_format, *(["--no-sync"] if no_sync else []), *case.polyvisor_options,
+                        str(source), str(outdir / name)]
+            else:
+                argv = ["qemu-img", "convert", "-f", QEMU_FORMAT[case.source_format],
+                        "-O", QEMU_FORMAT[case.target_format], *case.qemu_options, str(source), str(outdir / name)]
+            samples[label].append(_timed(argv, outdir, sync_after=sync_after))
     shutil.rmtree(workdir / "out")
-    return p_samples, q_samples
+    return samples
 
 
 def _virtual_size(path: Path, fmt: str) -> int:
@@ -212,26 +230,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, help="also write the table as Markdown to this file")
     args = parser.parse_args(argv)
     build_inputs(args.workdir, mixed_size=args.mixed_size, realistic_size=args.realistic_size)
-    rows = []
-    print(f"{'case':<38}{'polyvisor MB/s':>15}{'qemu-img MB/s':>15}{'ratio':>8}"
-          f"{'RSS pv MiB':>12}{'RSS qemu MiB':>14}")
+    header = ["case", "polyvisor", "qemu-img+sync", "ratio", "pv --no-sync", "qemu-img", "ratio",
+              "RSS pv", "RSS qemu"]
+    widths = [38, 10, 14, 7, 13, 9, 7, 8, 9]
+    print("MB/s of virtual size; ratio > 1 means polyvisor is faster; RSS in MiB")
+    print("".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}" for i, (h, w) in enumerate(zip(header, widths, strict=True))))
+    rows: list[list[str]] = []
     for case in cases():
         if args.only and args.only not in case.name:
             continue
         size = _virtual_size(args.workdir / case.source, case.source_format)
-        p, q = run_case(case, args.workdir, args.runs)
-        p_med = statistics.median(s.seconds for s in p)
-        q_med = statistics.median(s.seconds for s in q)
-        p_rate, q_rate = size / p_med / 1e6, size / q_med / 1e6
-        row = (case.name, p_rate, q_rate, q_med / p_med, max(s.max_rss_kib for s in p) / 1024,
-               max(s.max_rss_kib for s in q) / 1024, p_med, q_med)
+        samples = run_case(case, args.workdir, args.runs)
+        med = {label: statistics.median(s.seconds for s in runs) for label, runs in samples.items()}
+        rss_pv = max(s.max_rss_kib for s in samples["polyvisor"] + samples["polyvisor --no-sync"]) / 1024
+        rss_q = max(s.max_rss_kib for s in samples["qemu-img"]) / 1024
+        row = [
+            case.name,
+            f"{size / med['polyvisor'] / 1e6:.0f}",
+            f"{size / med['qemu-img+sync'] / 1e6:.0f}",
+            f"{med['qemu-img+sync'] / med['polyvisor']:.2f}",
+            f"{size / med['polyvisor --no-sync'] / 1e6:.0f}",
+            f"{size / med['qemu-img'] / 1e6:.0f}",
+            f"{med['qemu-img'] / med['polyvisor --no-sync']:.2f}",
+            f"{rss_pv:.0f}",
+            f"{rss_q:.0f}",
+        ]
         rows.append(row)
-        print(f"{row[0]:<38}{row[1]:>15.0f}{row[2]:>15.0f}{row[3]:>8.2f}{row[4]:>12.0f}{row[5]:>14.0f}"
-              f"   ({p_med:.2f} s vs {q_med:.2f} s)", flush=True)
+        print("".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(row, widths, strict=True))),
+              flush=True)
     if args.markdown:
-        lines = ["| case | polyvisor MB/s | qemu-img MB/s | ratio | peak RSS polyvisor MiB | peak RSS qemu-img MiB |",
-                 "|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r[0]} | {r[1]:.0f} | {r[2]:.0f} | {r[3]:.2f} | {r[4]:.0f} | {r[5]:.0f} |" for r in rows]
+        lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
         args.markdown.write_text("\n".join(lines) + "\n")
     return 0
 

@@ -10,7 +10,7 @@ import pytest
 from polyvisor.disk import CreateOptions, ExtentKind, create_image, open_image, registered_formats
 from polyvisor.disk.compare import compare
 from polyvisor.disk.convert import convert
-from polyvisor.errors import UnsupportedOption, UsageError
+from polyvisor.errors import TruncatedImage, UnsupportedOption, UsageError
 from tests.patterns import apply_writes, reference_raw, scattered_writes
 from tests.peers import QEMU_CHECKS, VARIANTS, Variant, qemu_check, qemu_compare
 
@@ -119,3 +119,24 @@ def test_convert_onto_a_backing_file_stores_only_differences(fmt: str, workdir: 
         qemu_check(workdir / f"top.{fmt}", fmt)
     if fmt in ("qcow2", "vmdk"):  # qemu opens backing files only for these
         qemu_compare(workdir / f"top.{fmt}", fmt, wanted, "raw")
+
+
+def test_no_sync_output_is_the_same_image(sources: dict[str, Path], workdir: Path) -> None:
+    """``durable=False`` (``convert --no-sync``) skips only the wait for the disk, never content."""
+    destination = workdir / "fast.qcow2"
+    convert(sources["reference"], destination, "qcow2", durable=False)
+    qemu_check(destination, "qcow2")
+    qemu_compare(destination, "qcow2", sources["reference"], "raw")
+    assert not [p for p in workdir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_read_errors_in_the_read_ahead_thread_reach_the_caller(workdir: Path) -> None:
+    """A source that fails half-way (a flat extent cut short) fails the conversion, leaving nothing."""
+    source = workdir / "broken.vmdk"
+    with create_image(source, "vmdk", 8 << 20, subformat="monolithicFlat") as image:
+        image.write(6 << 20, b"\x01" * (1 << 20))
+    with open(workdir / "broken-flat.vmdk", "r+b") as f:
+        f.truncate(5 << 20)
+    with pytest.raises(TruncatedImage):
+        convert(source, workdir / "out.raw", "raw")
+    assert sorted(p.name for p in workdir.iterdir()) == ["broken-flat.vmdk", "broken.vmdk"]

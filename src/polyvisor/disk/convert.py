@@ -11,8 +11,10 @@ The destination appears under its name only once complete (see
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from polyvisor.errors import UsageError
 
 #: Bytes read from the source per step.
 CHUNK = 4 << 20
+#: Chunks read ahead of the writer (memory: READ_AHEAD_BUFFERS * CHUNK).
+READ_AHEAD_BUFFERS = 4
 #: Zero detection granularity: aligned zero runs at least this long are not written.
 ZERO_GRANULE = 64 << 10
 
@@ -52,13 +56,18 @@ def convert(
     source_format: str | None = None,
     policy: ReferencePolicy = DEFAULT_POLICY,
     progress: Progress | None = None,
+    durable: bool = True,
 ) -> ConvertResult:
-    """Convert the image at *source* into a new *out_format* image at *destination*."""
+    """Convert the image at *source* into a new *out_format* image at *destination*.
+
+    With *durable* (the default) the output reaches stable storage before it appears under its name.
+    """
     started = time.monotonic()
     options = options or CreateOptions()
     with open_image(source, source_format, policy=policy) as src:
         _refuse_overwriting_the_source(src, Path(destination))
-        with create_image(destination, out_format, src.virtual_size, options, policy=policy) as dst:
+        with create_image(destination, out_format, src.virtual_size, options, policy=policy,
+                          durable=durable) as dst:
             read, written = copy_image(src, dst, progress=progress)
             result = ConvertResult(
                 source=str(source),
@@ -82,41 +91,109 @@ def _refuse_overwriting_the_source(src: DiskImage, destination: Path) -> None:
                 raise UsageError(f"{destination}: is the source image (or one of its files); choose another name")
 
 
+@dataclass
+class _Chunk:
+    """A stretch of the source on its way from the reading thread to the writer."""
+
+    offset: int
+    length: int
+    buffer: bytearray | None  #: None: the range reads as zeros (no layer holds it), nothing was read
+    done_up_to: int  #: progress: every byte below this has been dealt with once this chunk is
+
+
+class _ReadAhead(threading.Thread):
+    """Reads the source's data ranges into a few rotating buffers while the caller writes.
+
+    Reads (pread, decompression) release the GIL, so reading and writing use both cores.  Memory stays
+    bounded by the buffers: the reader waits for the writer to hand one back.
+    """
+
+    def __init__(self, src: DiskImage, *, zero_ranges: bool) -> None:
+        super().__init__(name="polyvisor-read-ahead", daemon=True)
+        self.src = src
+        self.zero_ranges = zero_ranges  #: also pass ranges that read as zeros (diffing against a backing)
+        self.free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(READ_AHEAD_BUFFERS):
+            self.free.put(bytearray(CHUNK))
+        self.ready: queue.Queue[_Chunk | BaseException | None] = queue.Queue()
+        self.stopping = threading.Event()
+        self.read_bytes = 0
+
+    def run(self) -> None:
+        try:
+            for ext in self.src.map():
+                if ext.kind is not ExtentKind.DATA and not self.zero_ranges:
+                    self.ready.put(_Chunk(ext.offset, 0, None, ext.end))
+                    continue
+                pos = ext.offset
+                while pos < ext.end:
+                    n = min(CHUNK - pos % CHUNK, ext.end - pos)
+                    buffer = None
+                    if ext.kind is ExtentKind.DATA:
+                        buffer = self._take_buffer()
+                        if buffer is None:
+                            return
+                        self.src.readinto(pos, memoryview(buffer)[:n])
+                        self.read_bytes += n
+                    self.ready.put(_Chunk(pos, n, buffer, pos + n))
+                    pos += n
+            self.ready.put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the writer, which re-raises it
+            self.ready.put(exc)
+
+    def _take_buffer(self) -> bytearray | None:
+        while not self.stopping.is_set():
+            try:
+                return self.free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
+    def chunks(self) -> Iterator[_Chunk]:
+        """The chunks in order; a reading error is raised here, in the writer's thread."""
+        while True:
+            item = self.ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.buffer is not None:
+                self.free.put(item.buffer)
+
+    def stop(self) -> None:
+        """End the reader (after an error in the writer) and wait for it."""
+        self.stopping.set()
+        self.join()
+
+
 def copy_image(src: DiskImage, dst: DiskImage, *, progress: Progress | None = None) -> tuple[int, int]:
     """Copy every guest byte of *src* into *dst*; returns (data bytes read, bytes written)."""
     total = src.virtual_size
     if dst.virtual_size < total:
         raise UsageError(f"{dst.path}: {dst.virtual_size} bytes is smaller than the source's {total}")
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    base = bytearray(CHUNK) if dst.backing is not None else None
-    read_bytes = written = 0
-    for ext in src.map():
-        if ext.kind is not ExtentKind.DATA and dst.backing is None:
-            if progress:
-                progress(ext.end, total)
-            continue
-        pos = ext.offset
-        while pos < ext.end:
-            n = min(CHUNK - pos % CHUNK, ext.end - pos)
-            chunk = view[:n]
-            if ext.kind is ExtentKind.DATA:
-                src.readinto(pos, chunk)
-                read_bytes += n
-            else:
-                chunk[:] = bytes(n)
+    zeros = memoryview(bytes(CHUNK))
+    base = memoryview(bytearray(CHUNK)) if dst.backing is not None else None
+    reader = _ReadAhead(src, zero_ranges=base is not None)
+    reader.start()
+    written = 0
+    try:
+        for chunk in reader.chunks():
+            n = chunk.length
+            data = memoryview(chunk.buffer)[:n] if chunk.buffer is not None else zeros[:n]
             if base is not None:
-                backing_view = memoryview(base)[:n]
-                dst._read_backing_into(pos, backing_view)
+                below = base[:n]
+                dst._read_backing_into(chunk.offset, below)
                 written += _write_changed(
-                    dst, pos, chunk, lambda s, e: chunk[s:e] == backing_view[s:e]  # noqa: B023 - used at once
+                    dst, chunk.offset, data, lambda s, e: data[s:e] == below[s:e]  # noqa: B023 - used at once
                 )
-            else:
-                written += _write_changed(dst, pos, chunk, lambda s, e: is_zero(chunk[s:e]))  # noqa: B023
-            pos += n
+            elif n:
+                written += _write_changed(dst, chunk.offset, data, lambda s, e: is_zero(data[s:e]))  # noqa: B023
             if progress:
-                progress(pos, total)
-    return read_bytes, written
+                progress(chunk.done_up_to, total)
+    finally:
+        reader.stop()
+    return reader.read_bytes, written
 
 
 def _granules(offset: int, length: int) -> list[tuple[int, int]]:

@@ -10,6 +10,7 @@ is complete and flushed; an abandoned output leaves nothing under a final name.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import os
 import secrets
@@ -25,6 +26,11 @@ IO_CHUNK = 16 << 20
 WRITEBACK_BATCH = 64 << 20
 #: Writes at least this large count as data (smaller ones are metadata, left to the final fsync).
 WRITEBACK_MIN_WRITE = 1 << 20
+#: Whether new outputs reach stable storage (fsync) before they are renamed into place.  On by default;
+#: ``create_image(..., durable=False)`` (``convert --no-sync``) lets the kernel write them back later, as
+#: qemu-img does: still never a partial file under the final name if polyvisor is killed, but a power
+#: failure may leave one.
+DURABLE_OUTPUTS: contextvars.ContextVar[bool] = contextvars.ContextVar("durable_outputs", default=True)
 #: No file offset polyvisor follows may reach this (os.pread overflows at 2^63; no real image is near it).
 MAX_OFFSET = 1 << 62
 
@@ -39,7 +45,9 @@ class ImageFile:
         self.fd = fd
         self.writable = writable
         self.closed = False
-        #: Whether large writes start their writeback early (set for new output files).
+        #: Whether flush() waits for stable storage (fsync).
+        self.durable = True
+        #: Whether large writes start their writeback early (set for new durable output files).
         self.early_writeback = False
         self._unsynced: list[tuple[int, int]] = []
         self._unsynced_bytes = 0
@@ -180,8 +188,8 @@ class ImageFile:
             return self.size
 
     def flush(self) -> None:
-        """Push written data to stable storage."""
-        if self.writable and not self.closed:
+        """Push written data to stable storage (only to the kernel for non-durable outputs)."""
+        if self.writable and self.durable and not self.closed:
             os.fsync(self.fd)
 
     def close(self) -> None:
@@ -202,6 +210,7 @@ class OutputFiles:
     def __init__(self) -> None:
         self._pending: list[tuple[ImageFile, Path]] = []
         self.done = False
+        self.durable = DURABLE_OUTPUTS.get()
 
     def create(self, final: Path, *, exist_ok: bool = True) -> ImageFile:
         """Create a new empty file that will become *final* on commit."""
@@ -218,7 +227,7 @@ class OutputFiles:
         except OSError as exc:
             raise OperationFailed(f"{final}: cannot create: {exc.strerror}") from exc
         handle = ImageFile(tmp, fd, writable=True, display_path=final)
-        handle.early_writeback = True
+        handle.durable = handle.early_writeback = self.durable
         self._pending.append((handle, final))
         return handle
 
@@ -237,7 +246,7 @@ class OutputFiles:
             handle.close()
             os.replace(handle.path, final)
             handle.path = final
-        dirs = {final.parent for _, final in self._pending}
+        dirs = {final.parent for _, final in self._pending} if self.durable else set()
         for directory in dirs:
             with contextlib.suppress(OSError):
                 dfd = os.open(directory or ".", os.O_RDONLY)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from polyvisor.disk.fileio import ImageFile
+from polyvisor.disk.fileio import DURABLE_OUTPUTS, ImageFile
 from polyvisor.disk.image import DiskImage, ProbeSample
 from polyvisor.disk.paths import DEFAULT_POLICY, ChainGuard, ReferencePolicy, resolve_reference
 from polyvisor.errors import UnknownFormat, UnsupportedOption, UsageError
@@ -227,6 +227,7 @@ def create_image(
     options: CreateOptions | None = None,
     *,
     policy: ReferencePolicy = DEFAULT_POLICY,
+    durable: bool = True,
     **option_values: str | int | bool,
 ) -> DiskImage:
     """Create an image and return it open for writing.
@@ -234,7 +235,8 @@ def create_image(
     The files are written under temporary names and appear under their final
     names when the image is closed; :meth:`DiskImage.abort` (or leaving a
     ``with`` block by an exception) discards them.  *size* may be None when a
-    ``backing_file`` gives it.  Sizes are rounded up to a multiple of 512.
+    ``backing_file`` gives it.  Sizes are rounded up to a multiple of 512.  With
+    *durable* (the default) the files reach stable storage before they are renamed.
     """
     path = Path(path)
     cls = get_format(format)
@@ -269,7 +271,11 @@ def create_image(
         if size < 0:
             raise UsageError(f"{path}: size must not be negative")
         size = -(-size // 512) * 512
-        return cls.create(path, size, options, opener, backing)
+        token = DURABLE_OUTPUTS.set(durable)
+        try:
+            return cls.create(path, size, options, opener, backing)
+        finally:
+            DURABLE_OUTPUTS.reset(token)
     except BaseException:
         if backing is not None:
             backing.close()
