@@ -11,8 +11,10 @@ from polyvisor.demo.bootdisk import BOOT_MARKER
 from polyvisor.disk import open_image, registered_formats
 from polyvisor.errors import MigrationFailed
 from polyvisor.hypervisors import MigrationOptions, VmState, connect
+from polyvisor.hypervisors.libvirt import LibvirtDriver
 from polyvisor.hypervisors.qemu import QemuDriver
 from tests.hypervisors.harness import wait_for
+from tests.hypervisors.harness_libvirt import COUNTER_MARKER, embed_root, embedded_driver
 from tests.hypervisors.harness_qemu import BOOT_TIMEOUT, boot_disk, guest_model, qemu_cleanup, root_uri
 from tests.peers import qemu_compare
 
@@ -82,3 +84,30 @@ def test_cold_migration_refuses_a_taken_name(tmp_path: Path) -> None:
         host_b.define(guest_model("twin", disk.name, "raw"), {disk.name: disk})
     with pytest.raises(MigrationFailed, match="already has a VM called 'twin'"):
         migrate("twin", uri_a, uri_b, MigrationOptions(live=False))
+
+
+@pytest.mark.boot
+@pytest.mark.timeout(400)
+def test_cold_migration_between_hypervisors_qemu_to_libvirt(tmp_path: Path) -> None:
+    """A running guest under polyvisor's QEMU driver moves, cold, to libvirt's embedded driver and runs there."""
+    uri_a, _ = _raw_guest(tmp_path, "across", counter=True)
+    uri_b = LibvirtDriver.default_uri(embed_root())
+    with qemu_cleanup(tmp_path), embedded_driver(tmp_path) as (_, defined):
+        with connect(uri_a) as host_a:
+            host_a.start("across")
+            wait_for(lambda: COUNTER_MARKER in "".join(host_a.console("across")), BOOT_TIMEOUT, "the guest on A")
+        defined.append("across")
+        # busybox has no ACPI daemon: the power button is ignored and the guest is destroyed after the timeout
+        report = migrate("across", uri_a, uri_b, MigrationOptions(live=True), shutdown_timeout=3)
+        assert report.kind == "cold"
+        assert "COLD" in report.notes[0]
+        assert report.downtime_ms is not None
+        assert report.downtime_ms > 0
+        assert report.transferred_bytes > 0
+        with connect(uri_a) as host_a, connect(uri_b) as host_b:
+            assert host_a.get("across").state is VmState.SHUT_OFF
+            assert host_b.get("across").state is VmState.RUNNING
+            exported = host_b.export("across")
+            assert [d.format for d in exported.model.disks] == [LibvirtDriver.preferred_disk_format]
+            wait_for(lambda: COUNTER_MARKER in "".join(host_b.console("across")), BOOT_TIMEOUT,
+                     "the guest's counter on libvirt")

@@ -23,7 +23,7 @@ from polyvisor.errors import HypervisorError
 from polyvisor.hypervisors.libvirt import LibvirtDriver
 from polyvisor.vm.model import Bus, Controller, ControllerModel, Cpu, DeviceKind, Disk, MiB, Serial, VmModel
 from tests.hypervisors.harness import Harness, harness
-from tests.vm.libvirt_boot import _embed_root as shared_embed_root
+from tests.vm.libvirt_boot import shared_embed_root
 
 #: What the counter guest prints first.
 COUNTER_MARKER = f"{COUNTER_PREFIX} 0"

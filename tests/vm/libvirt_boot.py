@@ -41,7 +41,7 @@ _event_lock = threading.Lock()
 _root: Path | None = None
 
 
-def _embed_root() -> Path:
+def shared_embed_root() -> Path:
     global _root  # noqa: PLW0603 - one embedded driver root per process
     with _event_lock:
         if _root is None:
@@ -111,7 +111,7 @@ def boot_domain(xml_path: Path, marker: str, *, timeout: float = 240.0) -> Libvi
     """Define and start the domain at *xml_path*; wait for *marker* on serial port 0; always clean up."""
     libvirt = _libvirt()
     _start_event_loop(libvirt)
-    root = _embed_root()
+    root = shared_embed_root()
     console_log = Path(tempfile.mkdtemp(prefix="console-", dir=root)) / "serial0.log"
     xml = prepare_domain(xml_path.read_text(encoding="utf-8"), console_log)
     started = time.monotonic()

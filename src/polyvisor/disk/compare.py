@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from polyvisor.disk.image import DiskImage, Extent, ExtentKind, is_zero
+from polyvisor.disk.image import DiskImage, Extent, ExtentKind, is_zero, same_bytes
 from polyvisor.disk.paths import DEFAULT_POLICY, ReferencePolicy
 from polyvisor.disk.registry import open_image
 
@@ -83,7 +83,7 @@ def _first_difference(a: DiskImage, b: DiskImage, length: int) -> int | None:
             if a_data and b_data:
                 a.readinto(pos, view_a)
                 b.readinto(pos, view_b)
-                if view_a != view_b:
+                if not same_bytes(view_a, view_b):
                     return pos + _mismatch(view_a, view_b)
             else:
                 only = a if a_data else b
@@ -118,7 +118,7 @@ def _mismatch(x: memoryview, y: memoryview) -> int:
     lo, hi = 0, len(x)
     while hi - lo > 4096:  # bisect on memcmp, then scan the last page
         mid = (lo + hi) // 2
-        if x[lo:mid] != y[lo:mid]:
+        if not same_bytes(x[lo:mid], y[lo:mid]):
             hi = mid
         else:
             lo = mid

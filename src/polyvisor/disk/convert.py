@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from polyvisor.disk.image import DiskImage, ExtentKind, is_zero
+from polyvisor.disk.image import DiskImage, ExtentKind, is_zero, same_bytes
 from polyvisor.disk.paths import DEFAULT_POLICY, ReferencePolicy, real_path
 from polyvisor.disk.registry import CreateOptions, create_image, open_image
 from polyvisor.errors import UsageError
@@ -185,7 +185,7 @@ def copy_image(src: DiskImage, dst: DiskImage, *, progress: Progress | None = No
                 below = base[:n]
                 dst._read_backing_into(chunk.offset, below)
                 written += _write_changed(
-                    dst, chunk.offset, data, lambda s, e: data[s:e] == below[s:e]  # noqa: B023 - used at once
+                    dst, chunk.offset, data, lambda s, e: same_bytes(data[s:e], below[s:e])  # noqa: B023 - used at once
                 )
             elif n:
                 written += _write_changed(dst, chunk.offset, data, lambda s, e: is_zero(data[s:e]))  # noqa: B023

@@ -49,15 +49,25 @@ def fill_zero(view: memoryview) -> None:
 
 
 def is_zero(data: bytes | bytearray | memoryview) -> bool:
-    """True if every byte of *data* is zero (memcmp speed)."""
+    """True if every byte of *data* is zero (memcmp speed, no copy)."""
     view = memoryview(data).cast("B")
     pos = 0
     while pos < len(view):
         n = min(len(_ZEROS), len(view) - pos)
-        if view[pos : pos + n] != _ZEROS[:n]:
+        # bytes.startswith takes any buffer and compares with memcmp; memoryview == memoryview does not
+        if not _ZEROS.startswith(view[pos : pos + n]):
             return False
         pos += n
     return True
+
+
+def same_bytes(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview) -> bool:
+    """True if *a* and *b* hold the same bytes (memcmp speed; comparing memoryviews directly is ~25x slower)."""
+    va, vb = memoryview(a).cast("B"), memoryview(b).cast("B")
+    if len(va) != len(vb):
+        return False
+    step = 1 << 20
+    return all(va[pos : pos + step].tobytes().startswith(vb[pos : pos + step]) for pos in range(0, len(va), step))
 
 
 class ExtentKind(enum.StrEnum):

@@ -46,6 +46,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from polyvisor.disk.image import is_zero
 from polyvisor.errors import DescriptorTooLarge, ManifestMismatch, PackageError, UnmappableModel, UnsafePackage
 from polyvisor.vm.codecs import register_codec
 from polyvisor.vm.codecs._common import derived_uuid, disk_files, file_stem, truthy
@@ -538,7 +539,7 @@ def _chunks(image: Path) -> Iterator[tuple[int, bytes]]:
     with open(image, "rb") as handle:
         for number in range(last + 1):
             data = handle.read(CHUNK)
-            if number in (0, last) or data.count(0) != len(data):
+            if number in (0, last) or not is_zero(data):
                 yield number, data
 
 
