@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from polyvisor.vm.model import (
     Serial,
     VmModel,
 )
-from tests.peers import polyvisor_cli
+from tests.peers import polyvisor_cli, polyvisor_env
 
 
 def _package(where: Path) -> Path:
@@ -84,3 +86,19 @@ def test_v2v_errors_are_one_line_and_leave_nothing(workdir: Path) -> None:
     bad_target = polyvisor_cli("v2v", str(xml), "--to", "esxi", "-o", "out", cwd=workdir)
     assert bad_target.returncode == 2
     assert "invalid choice" in bad_target.stderr
+
+
+def test_v2v_parser_targets_are_the_presets() -> None:
+    from polyvisor.cli.v2v import TARGETS
+    from polyvisor.vm.v2v import PRESETS
+
+    assert set(TARGETS) == set(PRESETS)
+
+
+def test_disk_commands_do_not_import_the_vm_or_hypervisor_layers() -> None:
+    """Every conversion pays for the interpreter's start: the disk commands load only the disk layer."""
+    code = ("import sys; from polyvisor.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in sys.modules if m.startswith(('polyvisor.vm', 'polyvisor.hypervisors'))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=polyvisor_env(),
+                          check=True, timeout=60)
+    assert proc.stdout.strip() == "[]"

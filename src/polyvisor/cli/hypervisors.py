@@ -7,16 +7,13 @@ them all (see ``VM_COMMAND_MODULES`` there).
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from polyvisor.cli.output import human_size, print_json
-from polyvisor.errors import UsageError
-from polyvisor.hypervisors import Capability, Driver, MigrationOptions, MigrationReport, connect, driver_classes
-from polyvisor.hypervisors.registry import DRIVER_MODULES, UNAVAILABLE
-from polyvisor.vm.model import VmModel
+from polyvisor.cli.dispatch import lazy
+
+#: Where the handlers live (imported when a command runs).
+COMMANDS = "polyvisor.cli.hypervisors_commands"
 
 URI_HELP = "hypervisor connection URI (default: $POLYVISOR_URI), e.g. qemu:///session?root=DIR"
 
@@ -25,7 +22,7 @@ def register(commands: Any) -> None:
     """Add ``drivers`` and ``migrate`` to the top-level parser."""
     p = commands.add_parser("drivers", help="the hypervisor drivers and what each can do (capability matrix)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(handler=cmd_drivers)
+    p.set_defaults(handler=lazy(COMMANDS, "cmd_drivers"))
 
     p = commands.add_parser("migrate", help="move a VM to another hypervisor connection (live or cold)")
     p.add_argument("name", help="the VM")
@@ -43,38 +40,38 @@ def register(commands: Any) -> None:
                    help="cold: write converted disks into DIR (default: next to the source disks)")
     p.add_argument("--undefine-source", action="store_true", help="cold: undefine the source VM once moved")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(handler=cmd_migrate)
+    p.set_defaults(handler=lazy(COMMANDS, "cmd_migrate"))
 
 
 def register_vm(vm_commands: Any) -> None:
     """Add the management subcommands to ``polyvisor vm``."""
     p = vm_commands.add_parser("list", help="every VM: name, state, vCPUs, memory")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(handler=cmd_list)
+    p.set_defaults(handler=lazy(COMMANDS, "cmd_list"))
 
     p = vm_commands.add_parser("info", help="one VM's details")
     p.add_argument("name")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(handler=cmd_info)
+    p.set_defaults(handler=lazy(COMMANDS, "cmd_info"))
 
     for action, text in (("start", "power on"), ("destroy", "power off at once (pull the plug)"),
                          ("pause", "stop the vCPUs, keeping memory"), ("resume", "continue a paused VM"),
                          ("reboot", "restart the guest"), ("undefine", "remove a stopped VM's definition")):
         p = vm_commands.add_parser(action, help=text)
         p.add_argument("name")
-        p.set_defaults(handler=cmd_action, action=action)
+        p.set_defaults(handler=lazy(COMMANDS, "cmd_action"), action=action)
 
     p = vm_commands.add_parser("shutdown", help="ask the guest to power off (ACPI), waiting for it")
     p.add_argument("name")
     p.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait (default 60)")
-    p.set_defaults(handler=cmd_shutdown)
+    p.set_defaults(handler=lazy(COMMANDS, "cmd_shutdown"))
 
     p = vm_commands.add_parser("define", help="create a VM from a VM package or a polyvisor model JSON")
     p.add_argument("file", type=Path, help="OVF/OVA, .vmx, libvirt domain XML… or a model JSON")
     p.add_argument("--codec", help="the package's codec (probed if omitted)")
     p.add_argument("--disk-dir", type=Path, metavar="DIR",
                    help="where to extract disks packed inside the package (OVA; default: FILE-disks/)")
-    p.set_defaults(handler=cmd_define)
+    p.set_defaults(handler=lazy(COMMANDS, "cmd_define"))
 
     p = vm_commands.add_parser("snapshot", help="create, list, revert to or delete snapshots")
     p.add_argument("snapshot_action", choices=("create", "list", "revert", "delete"), metavar="ACTION",
@@ -83,241 +80,17 @@ def register_vm(vm_commands: Any) -> None:
     p.add_argument("snapshot", nargs="?", help="the snapshot's name (not for list)")
     p.add_argument("--description", default="", help="create: a description")
     p.add_argument("--json", action="store_true", help="list: print JSON")
-    p.set_defaults(handler=cmd_snapshot)
+    p.set_defaults(handler=lazy(COMMANDS, "cmd_snapshot"))
 
     p = vm_commands.add_parser("stats", help="a running VM's CPU time, memory, disk and network counters")
     p.add_argument("name")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(handler=cmd_stats)
+    p.set_defaults(handler=lazy(COMMANDS, "cmd_stats"))
 
     p = vm_commands.add_parser("console", help="print the serial console's output so far")
     p.add_argument("name")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new output until the VM stops")
-    p.set_defaults(handler=cmd_console)
+    p.set_defaults(handler=lazy(COMMANDS, "cmd_console"))
 
 
 # ------------------------------------------------------------------------------------- helpers
-
-
-def _uri(args: argparse.Namespace) -> str:
-    uri: str | None = args.connect
-    if not uri:
-        raise UsageError("no hypervisor given: use -c URI or set POLYVISOR_URI")
-    return uri
-
-
-def _connect(args: argparse.Namespace) -> Driver:
-    return connect(_uri(args))
-
-
-def _table(rows: list[list[str]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
-
-
-# ------------------------------------------------------------------------------------ commands
-
-
-def cmd_drivers(args: argparse.Namespace) -> int:
-    """``drivers``: the capability matrix, from each driver's declarations."""
-    classes = driver_classes()
-    schemes = {name: sorted(s for s, modules in DRIVER_MODULES.items() if cls.__module__ in modules)
-               for name, cls in classes.items()}
-    if args.json:
-        print_json({
-            "capabilities": [c.value for c in Capability],
-            "drivers": {name: {"description": cls.description, "schemes": schemes[name],
-                               "capabilities": sorted(c.value for c in cls.capabilities),
-                               "preferred_disk_format": cls.preferred_disk_format}
-                        for name, cls in classes.items()},
-            "unavailable": dict(sorted(UNAVAILABLE.items())),
-        })
-        return 0
-    names = list(classes)
-    rows = [["CAPABILITY", *names]]
-    rows += [[c.value, *("yes" if c in classes[n].capabilities else "-" for n in names)] for c in Capability]
-    _table(rows)
-    print()
-    for name, cls in classes.items():
-        print(f"{name}: {cls.description} (URI schemes: {', '.join(schemes[name])})")
-    for module, reason in sorted(UNAVAILABLE.items()):
-        print(f"unavailable: {module}: {reason}")
-    return 0
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    """``vm list``."""
-    with _connect(args) as driver:
-        vms = driver.list_vms()
-    if args.json:
-        print_json([vm.as_dict() for vm in vms])
-        return 0
-    rows = [["NAME", "STATE", "VCPUS", "MEMORY"]]
-    rows += [[vm.name, vm.state.value, str(vm.vcpus), human_size(vm.memory)] for vm in vms]
-    _table(rows)
-    return 0
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    """``vm info``."""
-    with _connect(args) as driver:
-        info = driver.get(args.name)
-    if args.json:
-        print_json(info.as_dict())
-        return 0
-    print(f"name: {info.name}")
-    print(f"state: {info.state.value} ({info.native_state})" if info.native_state else f"state: {info.state.value}")
-    print(f"vcpus: {info.vcpus}")
-    print(f"memory: {human_size(info.memory)} ({info.memory} bytes)")
-    if info.uuid:
-        print(f"uuid: {info.uuid}")
-    for key, value in info.extra.items():
-        print(f"{key}: {value}")
-    return 0
-
-
-def cmd_action(args: argparse.Namespace) -> int:
-    """``vm start|destroy|pause|resume|reboot|undefine``."""
-    with _connect(args) as driver:
-        getattr(driver, args.action)(args.name)
-    past = {"start": "started", "destroy": "destroyed", "pause": "paused", "resume": "resumed",
-            "reboot": "rebooted", "undefine": "undefined"}[args.action]
-    print(f"{args.name} {past}")
-    return 0
-
-
-def cmd_shutdown(args: argparse.Namespace) -> int:
-    """``vm shutdown``."""
-    with _connect(args) as driver:
-        driver.shutdown(args.name, timeout=args.timeout)
-    print(f"{args.name} shut down")
-    return 0
-
-
-def _read_definition(args: argparse.Namespace) -> tuple[VmModel, dict[str, Path]]:
-    """A model and its disks' host files from a model JSON or any package polyvisor.vm reads."""
-    path: Path = args.file
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(4096)
-    except IsADirectoryError:
-        head = b""
-    except OSError as exc:
-        raise UsageError(f"{path}: {exc.strerror or exc}") from None
-    if head.lstrip().startswith(b"{") and args.codec is None:
-        model = VmModel.from_json(path.read_bytes(), source=str(path))
-        return model, {d.path: path.parent / d.path for d in model.disks if d.path is not None}
-    from polyvisor.vm.codecs import read_package
-
-    package = read_package(path, args.codec)
-    if any(source.is_member for source in package.disks.values()):
-        target = args.disk_dir or path.with_name(f"{path.stem}-disks")
-        return package.model, package.extract(target)
-    return package.model, {name: source.path for name, source in package.disks.items()}
-
-
-def cmd_define(args: argparse.Namespace) -> int:
-    """``vm define FILE``."""
-    model, disks = _read_definition(args)
-    with _connect(args) as driver:
-        info = driver.define(model, disks)
-    print(f"{info.name} defined ({info.state.value})")
-    return 0
-
-
-def cmd_snapshot(args: argparse.Namespace) -> int:
-    """``vm snapshot create|list|revert|delete NAME [SNAP]``."""
-    action = args.snapshot_action
-    if action != "list" and not args.snapshot:
-        raise UsageError(f"vm snapshot {action} needs a snapshot name")
-    with _connect(args) as driver:
-        if action == "list":
-            snapshots = driver.snapshot_list(args.name)
-            if args.json:
-                print_json([s.as_dict() for s in snapshots])
-                return 0
-            rows = [["NAME", "CREATED", "MEMORY", "DESCRIPTION"]]
-            rows += [[s.name, s.created.isoformat(timespec="seconds") if s.created else "-",
-                      "yes" if s.includes_memory else "no", s.description] for s in snapshots]
-            _table(rows)
-            return 0
-        if action == "create":
-            driver.snapshot_create(args.name, args.snapshot, args.description)
-            print(f"snapshot {args.snapshot} of {args.name} created")
-        elif action == "revert":
-            driver.snapshot_revert(args.name, args.snapshot)
-            print(f"{args.name} reverted to snapshot {args.snapshot}")
-        else:
-            driver.snapshot_delete(args.name, args.snapshot)
-            print(f"snapshot {args.snapshot} of {args.name} deleted")
-    return 0
-
-
-def cmd_stats(args: argparse.Namespace) -> int:
-    """``vm stats NAME``."""
-    with _connect(args) as driver:
-        stats = driver.stats(args.name)
-    if args.json:
-        print_json(stats.as_dict())
-        return 0
-    cpu = "-" if stats.cpu_time_ns is None else f"{stats.cpu_time_ns / 1e9:.2f} s"
-    print(f"cpu time: {cpu}")
-    print(f"memory: {'-' if stats.memory_bytes is None else human_size(stats.memory_bytes)}")
-    for disk, counters in stats.disks.items():
-        print(f"disk {disk}: read {human_size(counters.read_bytes)} in {counters.read_ops} requests, "
-              f"wrote {human_size(counters.write_bytes)} in {counters.write_ops} requests")
-    for nic, traffic in stats.nics.items():
-        print(f"nic {nic}: received {human_size(traffic.rx_bytes)}, sent {human_size(traffic.tx_bytes)}")
-    return 0
-
-
-def cmd_console(args: argparse.Namespace) -> int:
-    """``vm console NAME [--follow]``."""
-    with _connect(args) as driver:
-        for chunk in driver.console(args.name, follow=args.follow):
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-    return 0
-
-
-def print_report(report: MigrationReport) -> None:
-    """A migration report as lines of text."""
-    print(f"migration of {report.vm}: {report.kind.upper()}")
-    print(f"  from: {report.source}")
-    print(f"  to: {report.destination}")
-    print(f"  total time: {report.total_seconds:.2f} s")
-    print(f"  downtime: {'-' if report.downtime_ms is None else f'{report.downtime_ms:.0f} ms'}")
-    print(f"  transferred: {human_size(report.transferred_bytes)} ({report.transferred_bytes} bytes)")
-    for note in report.notes:
-        print(f"  note: {note}")
-
-
-def cmd_migrate(args: argparse.Namespace) -> int:
-    """``migrate NAME --from URI --to URI``."""
-    from polyvisor.cluster import migrate
-
-    source = args.source or args.connect
-    if not source:
-        raise UsageError("migrate needs --from URI (or -c URI)")
-    last = [-1]
-
-    def progress(done: int, total: int) -> None:
-        if total and not args.json and sys.stderr.isatty():
-            percent = 100 * done // total
-            if percent != last[0]:
-                last[0] = percent
-                print(f"\r{percent:3d}% ({human_size(done)} of {human_size(total)})", end="", file=sys.stderr)
-
-    options = MigrationOptions(live=args.live, downtime_ms=args.downtime_ms, bandwidth_mib=args.bandwidth,
-                               timeout=args.timeout, progress=progress)
-    say = None if args.json else (lambda message: print(f"polyvisor: {message}", file=sys.stderr))
-    report = migrate(args.name, source, args.destination, options, disk_dir=args.disk_dir,
-                     shutdown_timeout=args.shutdown_timeout, undefine_source=args.undefine_source, say=say)
-    if last[0] >= 0:
-        print(file=sys.stderr)
-    if args.json:
-        print_json(report.as_dict())
-    else:
-        print_report(report)
-    return 0

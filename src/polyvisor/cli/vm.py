@@ -8,8 +8,6 @@ from typing import Any
 
 from polyvisor.cli.disk import _policy, _policy_flags
 from polyvisor.cli.output import human_size, print_json
-from polyvisor.vm.codecs import ReadOptions, read_package, registered_codecs
-from polyvisor.vm.model import disk_label
 
 
 def register_vm(sub: Any) -> None:
@@ -27,6 +25,9 @@ def register_vm(sub: Any) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``vm inspect``."""
+    from polyvisor.vm.codecs import ReadOptions, read_package  # the VM layer, only for this command
+    from polyvisor.vm.model import disk_label
+
     package = read_package(args.source, args.codec,
                            ReadOptions(policy=_policy(args), require_disks=not args.no_disks))
     model = package.model
@@ -72,6 +73,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_codecs(args: argparse.Namespace) -> int:
     """``vm codecs``."""
+    from polyvisor.vm.codecs import registered_codecs
+
     for name, codec in registered_codecs().items():
         formats = ", ".join(f"{f}{'/' + s if s else ''}" for f, s in codec.disk_formats)
         print(f"{name:8} {codec.description}")

@@ -61,10 +61,29 @@ def registered_formats() -> dict[str, type[DiskImage]]:
     return dict(sorted(_FORMATS.items(), key=lambda item: (item[0] != "raw", item[0])))
 
 
+def _load_format_module(key: str) -> None:
+    """Import just the module named after a format (``formats/qcow2.py`` for qcow2), if there is one."""
+    if not re.fullmatch(r"[a-z][a-z0-9]*", key):
+        return
+    module = f"polyvisor.disk.formats.{key}"
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+
+
 def get_format(name: str) -> type[DiskImage]:
-    """The format class called *name* (or one of its aliases, e.g. ``vpc`` for ``vhd``)."""
-    _load_formats()
+    """The format class called *name* (or one of its aliases, e.g. ``vpc`` for ``vhd``).
+
+    A format named explicitly loads only its own module; other names (aliases) load them all.
+    """
     key = _ALIASES.get(name.lower(), name.lower())
+    if key not in _FORMATS:
+        _load_format_module(key)
+    if key not in _FORMATS:
+        _load_formats()
+        key = _ALIASES.get(name.lower(), name.lower())
     try:
         return _FORMATS[key]
     except KeyError:
