@@ -115,11 +115,10 @@ def run_atheris(seeds: dict[str, tuple[Path, str]], timeout: float, libfuzzer_ar
             _save_finding(name, mutated, fmt, f"took longer than {timeout} s")
             raise
 
-    with atheris.instrument_imports(include=["polyvisor"]):
-        import polyvisor.disk.formats  # noqa: F401 - instrument the parsers
-        from polyvisor.disk import registered_formats
+    from polyvisor.disk import registered_formats
 
-        registered_formats()
+    registered_formats()  # every parser imported, then instrumented (they were imported before atheris)
+    atheris.instrument_all()
     atheris.Setup([sys.argv[0], *libfuzzer_args], one_input)
     atheris.Fuzz()
     return 0
