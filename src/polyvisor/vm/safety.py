@@ -15,7 +15,9 @@ Every VM package is untrusted input.  The helpers here refuse, with an
 from __future__ import annotations
 
 import os
+import tarfile
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 
 import defusedxml
@@ -94,3 +96,59 @@ def xml_bytes(root: ET.Element) -> bytes:
     ET.indent(root, space="  ")
     data: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
     return data + b"\n"
+
+
+def tar_members(path: Path, *, package: str, max_members: int, hint: str = "",
+                name_problem: Callable[[str], str | None] | None = None) -> list[tarfile.TarInfo]:
+    """The members of the tar archive *path* (an OVA, an XVA), which is never extracted.
+
+    Only regular files with safe, unique names are accepted: links, devices, directories, sparse members,
+    names with ``..`` or absolute, duplicates, more than *max_members* members, and (through *name_problem*)
+    names the package type does not use are refused with :class:`UnsafePackage`; an unreadable, empty or
+    truncated archive is a :class:`PackageError`.
+    """
+    try:
+        tar = tarfile.open(path, mode="r:")  # noqa: SIM115 - closed below; never extracted
+    except (tarfile.TarError, OSError) as exc:
+        raise PackageError(f"not a readable uncompressed tar archive{hint}: {exc}", path=path) from None
+    members: list[tarfile.TarInfo] = []
+    seen: set[str] = set()
+    try:
+        for member in tar:
+            if len(members) >= max_members:
+                raise UnsafePackage(f"more than {max_members} members", path=path)
+            kind = ("symbolic link" if member.issym() else "hard link" if member.islnk()
+                    else "device" if member.isdev() else "directory" if member.isdir()
+                    else "sparse file" if member.issparse() else None if member.isreg() else "special file")
+            if kind is not None:
+                raise UnsafePackage(f"member {member.name!r} is a {kind}; an {package} holds regular files only",
+                                    path=path)
+            why = check_package_path(member.name)
+            if why is None and name_problem is not None:
+                why = name_problem(member.name)
+            if why is not None:
+                raise UnsafePackage(f"member {member.name!r}: name {why}", path=path)
+            if member.name in seen:
+                raise UnsafePackage(f"member {member.name!r} appears twice", path=path)
+            seen.add(member.name)
+            members.append(member)
+    except tarfile.TarError as exc:
+        raise PackageError(f"corrupt tar archive: {exc}", path=path) from None
+    finally:
+        tar.close()
+    if not members:
+        raise PackageError("empty archive", path=path)
+    if members[-1].offset_data + members[-1].size > path.stat().st_size:
+        raise PackageError(f"member {members[-1].name!r} extends past the end of the archive", path=path)
+    return members
+
+
+def single_descriptor(path: Path, suffix: str) -> Path:
+    """*path* itself, or for a directory the one ``*{suffix}`` file in it (a clear error if not exactly one)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    found = sorted(path.glob(f"*{suffix}"))
+    if len(found) != 1:
+        raise PackageError(f"expected one {suffix} file in the directory, found {len(found)}", path=path)
+    return found[0]

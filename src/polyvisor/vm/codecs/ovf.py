@@ -57,7 +57,7 @@ from polyvisor.vm.model import (
     VmModel,
     check_package_path,
 )
-from polyvisor.vm.safety import parse_xml, read_limited, resolve_in_package, xml_bytes
+from polyvisor.vm.safety import parse_xml, read_limited, resolve_in_package, single_descriptor, tar_members, xml_bytes
 
 OVF1 = "http://schemas.dmtf.org/ovf/envelope/1"
 OVF2 = "http://schemas.dmtf.org/ovf/envelope/2"
@@ -774,12 +774,7 @@ class OvfCodec(Codec):
 
     @classmethod
     def read(cls, path: Path, options: ReadOptions) -> VmPackage:
-        path = Path(path)
-        if path.is_dir():
-            found = list(path.glob("*.ovf"))
-            if len(found) != 1:
-                raise PackageError(f"expected one .ovf file in the directory, found {len(found)}", path=path)
-            path = found[0]
+        path = single_descriptor(path, ".ovf")
         data = read_limited(path, options.max_descriptor, what="OVF descriptor")
         parsed = _parse_ovf(data, path)
         home = path.parent.resolve()
@@ -917,38 +912,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def _ova_members(path: Path) -> list[tarfile.TarInfo]:
     """The archive's members, refusing anything but regular files with safe, unique names."""
-    try:
-        tar = tarfile.open(path, mode="r:")  # noqa: SIM115 - closed below; never extracted
-    except (tarfile.TarError, OSError) as exc:
-        raise PackageError(f"not a readable (uncompressed) tar archive: {exc}", path=path) from None
-    members: list[tarfile.TarInfo] = []
-    seen: set[str] = set()
-    try:
-        for member in tar:
-            if len(members) >= MAX_MEMBERS:
-                raise UnsafePackage(f"more than {MAX_MEMBERS} members", path=path)
-            kind = ("symbolic link" if member.issym() else "hard link" if member.islnk()
-                    else "device" if member.isdev() else "directory" if member.isdir()
-                    else "sparse file" if member.issparse() else None if member.isreg() else "special file")
-            if kind is not None:
-                raise UnsafePackage(f"member {member.name!r} is a {kind}; an OVA holds regular files only",
-                                    path=path)
-            why = check_package_path(member.name)
-            if why is not None:
-                raise UnsafePackage(f"member {member.name!r}: name {why}", path=path)
-            if member.name in seen:
-                raise UnsafePackage(f"member {member.name!r} appears twice", path=path)
-            seen.add(member.name)
-            members.append(member)
-    except tarfile.TarError as exc:
-        raise PackageError(f"corrupt tar archive: {exc}", path=path) from None
-    finally:
-        tar.close()
-    if not members:
-        raise PackageError("empty archive", path=path)
-    if members[-1].offset_data + members[-1].size > path.stat().st_size:
-        raise PackageError(f"member {members[-1].name!r} extends past the end of the archive", path=path)
-    return members
+    return tar_members(path, package="OVA", max_members=MAX_MEMBERS)
 
 
 def _member_chunks(handle: IO[bytes], member: tarfile.TarInfo) -> Iterator[bytes]:

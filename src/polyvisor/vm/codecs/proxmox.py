@@ -57,7 +57,7 @@ from polyvisor.vm.model import (
     VmModel,
     check_package_path,
 )
-from polyvisor.vm.safety import read_limited
+from polyvisor.vm.safety import read_limited, single_descriptor
 
 CODEC = "proxmox"
 _LINE = re.compile(r"^([a-z][a-z0-9_-]*)\s*:\s?(.*)$")
@@ -159,12 +159,7 @@ class ProxmoxCodec(Codec):
 
     @classmethod
     def read(cls, path: Path, options: ReadOptions) -> VmPackage:
-        path = Path(path)
-        if path.is_dir():
-            found = list(path.glob("*.conf"))
-            if len(found) != 1:
-                raise PackageError(f"expected one .conf file in the directory, found {len(found)}", path=path)
-            path = found[0]
+        path = single_descriptor(path, ".conf")
         text = read_limited(path, options.max_descriptor, what="qemu-server configuration").decode("utf-8",
                                                                                                    "replace")
         comments, entries = parse_conf(text, path)

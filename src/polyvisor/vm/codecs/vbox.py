@@ -56,7 +56,7 @@ from polyvisor.vm.model import (
     Serial,
     VmModel,
 )
-from polyvisor.vm.safety import parse_xml, read_limited, xml_bytes
+from polyvisor.vm.safety import parse_xml, read_limited, single_descriptor, xml_bytes
 
 NS = "http://www.virtualbox.org/"
 ET.register_namespace("", NS)
@@ -111,12 +111,7 @@ class VboxCodec(Codec):
 
     @classmethod
     def read(cls, path: Path, options: ReadOptions) -> VmPackage:
-        path = Path(path)
-        if path.is_dir():
-            found = list(path.glob("*.vbox"))
-            if len(found) != 1:
-                raise PackageError(f"expected one .vbox file in the directory, found {len(found)}", path=path)
-            path = found[0]
+        path = single_descriptor(path, ".vbox")
         root = parse_xml(read_limited(path, options.max_descriptor, what=".vbox settings"), source=path)
         if root.tag != q("VirtualBox"):
             raise PackageError(f"root element is {root.tag}, not VirtualBox settings", path=path)

@@ -50,7 +50,7 @@ from polyvisor.vm.model import (
     Serial,
     VmModel,
 )
-from polyvisor.vm.safety import read_limited, resolve_in_package
+from polyvisor.vm.safety import read_limited, resolve_in_package, single_descriptor
 
 CODEC = "vmx"
 HEADER = {".encoding": "UTF-8", "config.version": "8", "virtualHW.version": "19"}
@@ -163,12 +163,7 @@ class VmxCodec(Codec):
 
     @classmethod
     def read(cls, path: Path, options: ReadOptions) -> VmPackage:
-        path = Path(path)
-        if path.is_dir():
-            found = list(path.glob("*.vmx"))
-            if len(found) != 1:
-                raise PackageError(f"expected one .vmx file in the directory, found {len(found)}", path=path)
-            path = found[0]
+        path = single_descriptor(path, ".vmx")
         raw = read_limited(path, options.max_descriptor, what=".vmx file")
         entries = parse_vmx(raw.decode("utf-8", "replace"), path)
         reader = _VmxReader(path, entries, options)

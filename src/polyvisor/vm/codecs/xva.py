@@ -69,7 +69,7 @@ from polyvisor.vm.model import (
     VmModel,
     check_package_path,
 )
-from polyvisor.vm.safety import parse_xml
+from polyvisor.vm.safety import parse_xml, tar_members
 
 CODEC = "xva"
 CHUNK = 1 << 20
@@ -159,38 +159,13 @@ class _Archive:
 
 
 def _scan(path: Path, options: ReadOptions) -> _Archive:
-    try:
-        tar = tarfile.open(path, mode="r:")  # noqa: SIM115 - closed below; never extracted
-    except (tarfile.TarError, OSError) as exc:
-        raise PackageError(f"not a readable uncompressed tar archive (gunzip a compressed XVA first): {exc}",
-                           path=path) from None
-    members: list[tarfile.TarInfo] = []
-    try:
-        for member in tar:
-            if len(members) >= MAX_MEMBERS:
-                raise UnsafePackage(f"more than {MAX_MEMBERS} members", path=path)
-            kind = ("symbolic link" if member.issym() else "hard link" if member.islnk()
-                    else "device" if member.isdev() else "directory" if member.isdir()
-                    else "sparse file" if member.issparse() else None if member.isreg() else "special file")
-            if kind is not None:
-                raise UnsafePackage(f"member {member.name!r} is a {kind}; an XVA holds regular files only",
-                                    path=path)
-            why = check_package_path(member.name)
-            if why is not None:
-                raise UnsafePackage(f"member {member.name!r}: name {why}", path=path)
-            if member.name != "ova.xml" and _CHUNK_NAME.match(member.name) is None:
-                raise UnsafePackage(f"member {member.name!r} is neither ova.xml nor a Ref:N/NNNNNNNN chunk",
-                                    path=path)
-            members.append(member)
-    except tarfile.TarError as exc:
-        raise PackageError(f"corrupt tar archive: {exc}", path=path) from None
-    finally:
-        tar.close()
-    if not members or members[0].name != "ova.xml":
+    members = tar_members(
+        path, package="XVA", max_members=MAX_MEMBERS, hint=" (gunzip a compressed XVA first)",
+        name_problem=lambda name: None if name == "ova.xml" or _CHUNK_NAME.match(name)
+        else "is neither ova.xml nor a Ref:N/NNNNNNNN chunk",
+    )
+    if members[0].name != "ova.xml":
         raise PackageError("the first member is not ova.xml", path=path)
-    end = members[-1].offset_data + members[-1].size
-    if end > path.stat().st_size:
-        raise PackageError(f"member {members[-1].name!r} extends past the end of the archive", path=path)
     with open(path, "rb") as handle:
         first = members[0]
         if first.size > options.max_descriptor:
