@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import resource
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ from polyvisor.disk.compare import compare
 from polyvisor.disk.convert import convert
 from polyvisor.errors import TruncatedImage, UnsupportedOption, UsageError
 from tests.patterns import apply_writes, reference_raw, scattered_writes
-from tests.peers import QEMU_CHECKS, VARIANTS, Variant, qemu_check, qemu_compare
+from tests.peers import QEMU_CHECKS, VARIANTS, Variant, polyvisor_env, qemu_check, qemu_compare
 
 REGISTERED = [v for v in VARIANTS if v.format in registered_formats()]
 SIZE = (6 << 20) + 7 * 512
@@ -140,3 +144,28 @@ def test_read_errors_in_the_read_ahead_thread_reach_the_caller(workdir: Path) ->
     with pytest.raises(TruncatedImage):
         convert(source, workdir / "out.raw", "raw")
     assert sorted(p.name for p in workdir.iterdir()) == ["broken-flat.vmdk", "broken.vmdk"]
+
+
+def _limit_file_size() -> None:
+    """In the child: files may not grow past 2 MiB; a write beyond fails with EFBIG (as on a full disk)."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("variant", REGISTERED, ids=lambda v: v.id)
+def test_write_errors_reach_the_caller_and_leave_nothing(variant: Variant, workdir: Path) -> None:
+    """A write that fails on the writing thread ends the CLI with one line naming the output, and no file."""
+    source = workdir / "random.raw"
+    source.write_bytes(os.urandom(SIZE))
+    argv = [sys.executable, "-m", "polyvisor", "disk", "convert", "-f", "raw", "-O", variant.format]
+    options = ",".join(f"{k}={v}" for k, v in variant.options.items())
+    if options:
+        argv += ["-o", options]
+    proc = subprocess.run([*argv, str(source), str(workdir / "out.img")], capture_output=True, text=True,
+                          env=polyvisor_env(), preexec_fn=_limit_file_size, timeout=120, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("polyvisor: "), proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "/out" in proc.stderr, proc.stderr  # out.img or its extent out-f001.img
+    assert "File too large" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in workdir.iterdir()) == ["random.raw"]

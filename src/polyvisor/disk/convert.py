@@ -16,8 +16,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+from polyvisor.disk.fileio import WriteBehind
 from polyvisor.disk.image import DiskImage, ExtentKind, is_zero, same_bytes
 from polyvisor.disk.paths import DEFAULT_POLICY, ReferencePolicy, real_path
 from polyvisor.disk.registry import CreateOptions, create_image, open_image
@@ -112,9 +114,10 @@ class _ReadAhead(threading.Thread):
         super().__init__(name="polyvisor-read-ahead", daemon=True)
         self.src = src
         self.zero_ranges = zero_ranges  #: also pass ranges that read as zeros (diffing against a backing)
+        self.buffers = [bytearray(CHUNK) for _ in range(READ_AHEAD_BUFFERS)]
         self.free: queue.Queue[bytearray] = queue.Queue()
-        for _ in range(READ_AHEAD_BUFFERS):
-            self.free.put(bytearray(CHUNK))
+        for buffer in self.buffers:
+            self.free.put(buffer)
         self.ready: queue.Queue[_Chunk | BaseException | None] = queue.Queue()
         self.stopping = threading.Event()
         self.read_bytes = 0
@@ -150,7 +153,7 @@ class _ReadAhead(threading.Thread):
         return None
 
     def chunks(self) -> Iterator[_Chunk]:
-        """The chunks in order; a reading error is raised here, in the writer's thread."""
+        """The chunks in order (hand each buffer back with :meth:`recycle`); reading errors are raised here."""
         while True:
             item = self.ready.get()
             if item is None:
@@ -158,8 +161,10 @@ class _ReadAhead(threading.Thread):
             if isinstance(item, BaseException):
                 raise item
             yield item
-            if item.buffer is not None:
-                self.free.put(item.buffer)
+
+    def recycle(self, buffer: bytearray) -> None:
+        """Give a buffer back to the reader once nothing refers to its content any more."""
+        self.free.put(buffer)
 
     def stop(self) -> None:
         """End the reader (after an error in the writer) and wait for it."""
@@ -175,6 +180,12 @@ def copy_image(src: DiskImage, dst: DiskImage, *, progress: Progress | None = No
     zeros = memoryview(bytes(CHUNK))
     base = memoryview(bytearray(CHUNK)) if dst.backing is not None else None
     reader = _ReadAhead(src, zero_ranges=base is not None)
+    # The destination's writes run on a thread of their own, straight from the read-ahead buffers, which
+    # return to the reader once the writes that use them are done.
+    behind = WriteBehind()
+    for buffer in reader.buffers:
+        behind.lend(buffer)
+    behind.attach(dst.files)
     reader.start()
     written = 0
     try:
@@ -189,9 +200,13 @@ def copy_image(src: DiskImage, dst: DiskImage, *, progress: Progress | None = No
                 )
             elif n:
                 written += _write_changed(dst, chunk.offset, data, lambda s, e: is_zero(data[s:e]))  # noqa: B023
+            if chunk.buffer is not None:
+                behind.after_writes(partial(reader.recycle, chunk.buffer))
             if progress:
                 progress(chunk.done_up_to, total)
+        behind.close(dst.files)
     finally:
+        behind.cancel(dst.files)
         reader.stop()
     return reader.read_bytes, written
 

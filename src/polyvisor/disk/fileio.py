@@ -13,8 +13,11 @@ import contextlib
 import contextvars
 import errno
 import os
+import queue
 import secrets
 import stat
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from polyvisor.errors import OperationFailed, ReadOnlyImage, TruncatedImage
@@ -33,6 +36,8 @@ WRITEBACK_MIN_WRITE = 1 << 20
 DURABLE_OUTPUTS: contextvars.ContextVar[bool] = contextvars.ContextVar("durable_outputs", default=True)
 #: No file offset polyvisor follows may reach this (os.pread overflows at 2^63; no real image is near it).
 MAX_OFFSET = 1 << 62
+#: Bytes of copied (not lent) data a :class:`WriteBehind` may hold before the caller waits.
+WRITE_BEHIND_COPIED_BYTES = 32 << 20
 
 
 class ImageFile:
@@ -51,6 +56,8 @@ class ImageFile:
         self.early_writeback = False
         self._unsynced: list[tuple[int, int]] = []
         self._unsynced_bytes = 0
+        #: While set, writes are handed to this thread and everything else waits for them first.
+        self.write_behind: WriteBehind | None = None
 
     @classmethod
     def open(cls, path: Path, *, writable: bool = False) -> ImageFile:
@@ -71,21 +78,27 @@ class ImageFile:
     @property
     def size(self) -> int:
         """Current length of the file in bytes."""
+        self._settle()
         return os.fstat(self.fd).st_size
 
     def allocated_bytes(self) -> int:
         """Bytes the file occupies on disk (``st_blocks * 512``)."""
+        self._settle()
         return os.fstat(self.fd).st_blocks * 512
 
     def read(self, offset: int, length: int, structure: str) -> bytes:
         """Read exactly *length* bytes at *offset*; a short read is a :class:`TruncatedImage`."""
+        self._settle()
         if offset < 0 or length < 0 or offset + length > MAX_OFFSET:
             raise TruncatedImage(self.display_path, f"impossible position ({length} bytes)",
                                  structure=structure, offset=offset)
         if length == 0:
             return b""
         if length <= IO_CHUNK:
-            data = os.pread(self.fd, length, offset)
+            try:
+                data = os.pread(self.fd, length, offset)
+            except OSError as exc:
+                raise self._io_failed("read", length, offset, exc) from exc
         else:
             buf = bytearray(length)
             got = self.readinto(offset, memoryview(buf))
@@ -101,18 +114,26 @@ class ImageFile:
 
     def read_upto(self, offset: int, length: int) -> bytes:
         """Read at most *length* bytes at *offset* (fewer at end of file)."""
+        self._settle()
         if length <= 0 or offset < 0 or offset > MAX_OFFSET:
             return b""
-        return os.pread(self.fd, length, offset)
+        try:
+            return os.pread(self.fd, length, offset)
+        except OSError as exc:
+            raise self._io_failed("read", length, offset, exc) from exc
 
     def readinto(self, offset: int, buf: memoryview) -> int:
         """Fill *buf* from *offset*; returns the bytes read (short only at end of file)."""
+        self._settle()
         total = 0
         view = buf.cast("B") if buf.format != "B" else buf
         if offset < 0 or offset + len(view) > MAX_OFFSET:
             return 0
         while total < len(view):
-            n = os.preadv(self.fd, [view[total : total + IO_CHUNK]], offset + total)
+            try:
+                n = os.preadv(self.fd, [view[total : total + IO_CHUNK]], offset + total)
+            except OSError as exc:
+                raise self._io_failed("read", len(view) - total, offset + total, exc) from exc
             if n <= 0:
                 break
             total += n
@@ -130,13 +151,23 @@ class ImageFile:
             )
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Write all of *data* at *offset*."""
+        """Write all of *data* at *offset* (now, or by the :attr:`write_behind` thread)."""
         if not self.writable:
             raise ReadOnlyImage(self.display_path, "file is open read-only", offset=offset)
         view = memoryview(data).cast("B")
+        if self.write_behind is not None:
+            self.write_behind.submit(self, offset, view)
+        else:
+            self.write_now(offset, view)
+
+    def write_now(self, offset: int, view: memoryview) -> None:
+        """pwrite all of *view* at *offset*, in this thread."""
         done = 0
         while done < len(view):
-            n = os.pwrite(self.fd, view[done : done + IO_CHUNK], offset + done)
+            try:
+                n = os.pwrite(self.fd, view[done : done + IO_CHUNK], offset + done)
+            except OSError as exc:
+                raise self._io_failed("write", len(view) - done, offset + done, exc) from exc
             if n <= 0:
                 raise OperationFailed(f"{self.display_path}: short write at offset {offset + done}")
             done += n
@@ -145,6 +176,11 @@ class ImageFile:
             self._unsynced_bytes += len(view)
             if self._unsynced_bytes >= WRITEBACK_BATCH:
                 self.start_writeback()
+
+    def _settle(self) -> None:
+        """Wait for this file's handed-off writes, so what follows sees them (and their errors)."""
+        if self.write_behind is not None:
+            self.write_behind.drain()
 
     def start_writeback(self) -> None:
         """Ask the kernel to start writing the recent large writes to disk, without waiting.
@@ -160,9 +196,13 @@ class ImageFile:
 
     def truncate(self, length: int) -> None:
         """Set the file length (extending creates a hole)."""
+        self._settle()
         if not self.writable:
             raise ReadOnlyImage(self.display_path, "file is open read-only")
-        os.ftruncate(self.fd, length)
+        try:
+            os.ftruncate(self.fd, length)
+        except OSError as exc:
+            raise OperationFailed(f"{self.display_path}: cannot set its length to {length}: {exc.strerror}") from exc
 
     def punch_hole(self, offset: int, length: int) -> None:
         """Deallocate a range so it reads as zeros, where the filesystem can."""
@@ -175,6 +215,7 @@ class ImageFile:
 
         Where the file cannot say (no SEEK_DATA support, a block device), everything counts as data.
         """
+        self._settle()
         try:
             return os.lseek(self.fd, offset, os.SEEK_DATA)
         except OSError as exc:
@@ -182,6 +223,7 @@ class ImageFile:
 
     def seek_hole(self, offset: int) -> int:
         """Next hole at or after *offset* (SEEK_HOLE); end of file counts as a hole."""
+        self._settle()
         try:
             return os.lseek(self.fd, offset, os.SEEK_HOLE)
         except OSError:
@@ -189,14 +231,148 @@ class ImageFile:
 
     def flush(self) -> None:
         """Push written data to stable storage (only to the kernel for non-durable outputs)."""
+        self._settle()
         if self.writable and self.durable and not self.closed:
-            os.fsync(self.fd)
+            try:
+                os.fsync(self.fd)
+            except OSError as exc:
+                raise OperationFailed(f"{self.display_path}: cannot flush to disk: {exc.strerror}") from exc
+
+    def _io_failed(self, what: str, length: int, offset: int, exc: OSError) -> OperationFailed:
+        return OperationFailed(f"{self.display_path}: cannot {what} {length} bytes at offset {offset}: {exc.strerror}")
 
     def close(self) -> None:
-        """Close the descriptor (idempotent)."""
+        """Close the descriptor (idempotent), once the writes handed off so far are done or skipped."""
+        if self.write_behind is not None:
+            self.write_behind.forget(self)
         if not self.closed:
             self.closed = True
             os.close(self.fd)
+
+
+class WriteBehind:
+    """A thread that performs an output's writes while the caller prepares the next ones.
+
+    ``pwrite`` releases the GIL, so the copy into the page cache runs on one core while format code (zero
+    detection, table updates) runs on the other.  Writes happen in submission order.  Data the caller
+    *lends* (see :meth:`lend`) is written from the caller's buffer, which the caller must leave unchanged
+    until a callback queued with :meth:`after_writes` runs; other mutable data is copied on submission
+    (at most :data:`WRITE_BEHIND_COPIED_BYTES` at a time).  The first error is raised in the caller's
+    thread by the next :meth:`submit` or :meth:`drain`; writes after it are skipped.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[ImageFile, int, memoryview, int] | Callable[[], None] | None] = (
+            queue.Queue())
+        self._lent: list[object] = []
+        self._copied = 0
+        self._room = threading.Condition()
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._run, name="polyvisor-write-behind", daemon=True)
+        self._thread.start()
+
+    def attach(self, files: list[ImageFile]) -> None:
+        """Route the writes of these (writable, open) files through this thread."""
+        for f in files:
+            if f.writable and not f.closed:
+                f.write_behind = self
+
+    def lend(self, buffer: bytearray) -> None:
+        """Write views of *buffer* without copying; the caller keeps it unchanged until released."""
+        self._lent.append(buffer)
+
+    def submit(self, file: ImageFile, offset: int, view: memoryview) -> None:
+        """Queue a write of *view* at *offset* of *file*."""
+        self._check_running(file)
+        owner = view.obj
+        copied = 0
+        if not isinstance(owner, bytes) and not any(owner is lent for lent in self._lent):
+            copied = len(view)
+            with self._room:
+                while self._copied and self._copied + copied > WRITE_BEHIND_COPIED_BYTES:
+                    if self._error is not None or not self._thread.is_alive():
+                        break
+                    self._room.wait(0.1)
+                self._copied += copied
+            view = memoryview(bytes(view))
+        self._queue.put((file, offset, view, copied))
+
+    def after_writes(self, callback: Callable[[], None]) -> None:
+        """Run *callback* (in the writing thread) once every write submitted so far is done."""
+        self._raise_error()
+        self._queue.put(callback)
+
+    def drain(self) -> None:
+        """Wait until every submitted write is done; raise the first error."""
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._queue.join()
+        self._raise_error()
+
+    def forget(self, file: ImageFile) -> None:
+        """Detach *file* once the writes submitted so far are done (errors stay for :meth:`drain`)."""
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._queue.join()
+        file.write_behind = None
+
+    def cancel(self, files: list[ImageFile]) -> None:
+        """Skip the writes not yet done, end the thread and detach *files* (after an error elsewhere)."""
+        self._cancelled = True
+        self._detach(files)
+
+    def close(self, files: list[ImageFile]) -> None:
+        """Finish every write, end the thread and detach *files*; raise the first error."""
+        try:
+            self.drain()
+        finally:
+            self._detach(files)
+
+    def _detach(self, files: list[ImageFile]) -> None:
+        for f in files:
+            if f.write_behind is self:
+                f.write_behind = None
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            if threading.current_thread() is not self._thread:
+                self._thread.join()
+
+    def _check_running(self, file: ImageFile) -> None:
+        self._raise_error()
+        if self._cancelled or not self._thread.is_alive():
+            raise OperationFailed(f"{file.display_path}: write after its writing thread ended")
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if callable(item):
+                    try:
+                        item()
+                    except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                        self._error = self._error or exc
+                    continue
+                file, offset, view, copied = item
+                try:
+                    if self._error is None and not self._cancelled:
+                        file.write_now(offset, view)
+                except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+                    self._error = exc
+                finally:
+                    if copied:
+                        with self._room:
+                            self._copied -= copied
+                            self._room.notify_all()
+            finally:
+                self._queue.task_done()
 
 
 class OutputFiles:

@@ -45,9 +45,13 @@ class RawImage(DiskImage):
                backing: DiskImage | None) -> Self:
         """A sparse file of *size* bytes."""
         outputs = OutputFiles()
-        file = outputs.create(path)
-        file.truncate(size)
-        return cls(path, virtual_size=size, subformat="raw", files=[file], writable=True, outputs=outputs)
+        try:
+            file = outputs.create(path)
+            file.truncate(size)
+            return cls(path, virtual_size=size, subformat="raw", files=[file], writable=True, outputs=outputs)
+        except BaseException:
+            outputs.abort()
+            raise
 
     @property
     def _file(self) -> ImageFile:

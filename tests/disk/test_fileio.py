@@ -1,0 +1,104 @@
+"""ImageFile and the write-behind thread that convert uses for its outputs."""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from polyvisor.disk.fileio import ImageFile, WriteBehind
+from polyvisor.errors import OperationFailed
+
+
+def _new_file(path: Path) -> ImageFile:
+    return ImageFile(path, os.open(path, os.O_RDWR | os.O_CREAT, 0o644), writable=True)
+
+
+def test_copied_data_is_written_as_it_was_when_submitted(tmp_path: Path) -> None:
+    """A caller's mutable buffer that was not lent may change right after write(): the file gets the old bytes."""
+    file = _new_file(tmp_path / "out")
+    behind = WriteBehind()
+    behind.attach([file])
+    scratch = bytearray(b"A" * 4096)
+    for i in range(64):
+        file.write(i * 4096, scratch)
+        scratch[:] = bytes([66 + i % 20]) * 4096  # reused at once, as format code does with scratch buffers
+    behind.close([file])
+    assert file.write_behind is None
+    data = file.read(0, 64 * 4096, "test")
+    assert data[:4096] == b"A" * 4096
+    assert all(data[i * 4096 : (i + 1) * 4096] == bytes([66 + (i - 1) % 20]) * 4096 for i in range(1, 64))
+    file.close()
+
+
+def test_lent_buffers_are_released_only_after_their_writes(tmp_path: Path) -> None:
+    """after_writes callbacks run in order, after every write submitted before them."""
+    file = _new_file(tmp_path / "out")
+    behind = WriteBehind()
+    lent = bytearray(1 << 20)
+    behind.lend(lent)
+    behind.attach([file])
+    seen: list[bytes] = []
+    released = threading.Event()
+
+    def release(offset: int) -> None:  # runs on the writing thread: the write before it has reached the file
+        seen.append(os.pread(file.fd, 1, offset))
+        released.set()
+
+    for round_ in range(8):
+        lent[:] = bytes([round_ + 1]) * len(lent)
+        file.write(round_ << 20, memoryview(lent)[: 1 << 20])
+        released.clear()
+        behind.after_writes(functools.partial(release, round_ << 20))
+        assert released.wait(10)
+    behind.close([file])
+    assert seen == [bytes([r + 1]) for r in range(8)]
+    file.close()
+
+
+def test_reads_wait_for_the_writes_before_them(tmp_path: Path) -> None:
+    """A format reading back what it just wrote (read-modify-write) sees it, and the file size includes it."""
+    file = _new_file(tmp_path / "out")
+    behind = WriteBehind()
+    behind.attach([file])
+    for i in range(32):
+        file.write(i << 16, bytes([i]) * (1 << 16))
+        assert file.read(i << 16, 1 << 16, "test") == bytes([i]) * (1 << 16)
+    assert file.size == 32 << 16
+    behind.close([file])
+    file.close()
+
+
+def test_a_failed_write_is_raised_in_the_callers_thread(tmp_path: Path) -> None:
+    """The writing thread's error (here EBADF: the descriptor is read-only) names the file and the offset."""
+    path = tmp_path / "out"
+    path.write_bytes(b"")
+    file = ImageFile(path, os.open(path, os.O_RDONLY), writable=True)
+    behind = WriteBehind()
+    behind.attach([file])
+    file.write(12288, b"x" * 512)
+    with pytest.raises(OperationFailed, match=r"out: cannot write 512 bytes at offset 12288"):
+        behind.drain()
+    with pytest.raises(OperationFailed):  # and again on the next write: nothing after it is written
+        file.write(0, b"y")
+    behind.cancel([file])
+    file.close()
+
+
+def test_no_write_after_cancel(tmp_path: Path) -> None:
+    """After cancel the file writes directly again; a WriteBehind that ended refuses new writes."""
+    file = _new_file(tmp_path / "out")
+    behind = WriteBehind()
+    behind.attach([file])
+    behind.cancel([file])
+    assert file.write_behind is None
+    file.write(0, b"direct")
+    assert file.read(0, 6, "test") == b"direct"
+    file.write_behind = behind
+    with pytest.raises(OperationFailed, match="writing thread ended"):
+        file.write(0, b"late")
+    file.write_behind = None
+    file.close()
