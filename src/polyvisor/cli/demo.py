@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,8 @@ def register(commands: Any) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo; exit 0 when every step verified."""
+    import tempfile
+
     from polyvisor.demo.disk_demo import run_demo  # its imports are only needed here
 
     if args.workdir is not None:

@@ -14,7 +14,6 @@ import contextvars
 import errno
 import os
 import queue
-import secrets
 import stat
 import threading
 from collections.abc import Callable
@@ -396,7 +395,7 @@ class OutputFiles:
             raise OperationFailed(f"{final}: directory {directory} does not exist")
         if not exist_ok and final.exists():
             raise OperationFailed(f"{final}: already exists")
-        tmp = directory / f".{final.name}.polyvisor-{secrets.token_hex(4)}.tmp"
+        tmp = directory / f".{final.name}.polyvisor-{os.urandom(4).hex()}.tmp"
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         try:
             fd = os.open(tmp, flags, 0o644)

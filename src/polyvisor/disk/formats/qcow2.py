@@ -31,7 +31,6 @@ import functools
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -118,6 +117,10 @@ from polyvisor.errors import (
 )
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from zstandard import ZstdDecompressor
+
     from polyvisor.disk.registry import CreateOptions, Opener
 
 #: Bytes of L2 tables kept in memory (32 MiB, like qemu's default: 256 GiB of guest space at 64 KiB clusters).
@@ -216,7 +219,7 @@ class Qcow2Image(DiskImage):
         self._l1_shift = cb + self._l2_bits
         self._compressed = CompressedLayout(cb)
         self._refcounts = RefcountCodec(header.refcount_order, cs)
-        self._zstd = zstd_decompressor()
+        self._zstd: ZstdDecompressor | None = None  #: made on the first zstd cluster
         self._last_decoded: tuple[int, bytes] | None = None
         self._read_only_size = -1 if writable else file.size
         self._l1 = array("Q")
@@ -514,6 +517,8 @@ class Qcow2Image(DiskImage):
                                  offset=offset)
         raw = self._file.read_upto(offset, length)
         try:
+            if self._zstd is None and self.header.compression_type == COMPRESSION_ZSTD:
+                self._zstd = zstd_decompressor()
             data = decompress_cluster(raw, self.header.compression_type, cs, self._zstd)
         except CompressionError as exc:
             raise CorruptImage(self.path, str(exc), structure="qcow2 compressed cluster", offset=offset) from None
@@ -995,6 +1000,8 @@ class Qcow2Image(DiskImage):
         if not self._batch:
             return
         if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor  # only compressed output needs it
+
             self._pool = ThreadPoolExecutor(max_workers=COMPRESS_WORKERS, thread_name_prefix="qcow2-compress")
         blocks = [data for _, data in self._batch]
         self._queue.append((self._batch, self._pool.submit(compress_clusters, blocks,

@@ -13,10 +13,12 @@ import threading
 import zlib
 from array import array
 from dataclasses import dataclass, field
-
-import zstandard
+from typing import TYPE_CHECKING
 
 from polyvisor.disk.structs import Layout
+
+if TYPE_CHECKING:
+    import zstandard
 
 #: "QFI\xfb" (spec "Header", bytes 0-3).
 MAGIC = b"QFI\xfb"
@@ -400,6 +402,8 @@ def compress_cluster(data: bytes, compression_type: int) -> bytes | None:
     Runs in worker threads: both libraries release the GIL while compressing.
     """
     if compression_type == COMPRESSION_ZSTD:
+        import zstandard  # loaded only where zstd is used
+
         compressor = getattr(_thread_state, "zstd", None)
         if compressor is None:
             compressor = _thread_state.zstd = zstandard.ZstdCompressor(level=3)
@@ -415,9 +419,13 @@ def compress_clusters(blocks: list[bytes], compression_type: int) -> list[bytes 
 
 
 def decompress_cluster(data: bytes, compression_type: int, cluster_size: int,
-                       zstd_context: zstandard.ZstdDecompressor) -> bytes:
+                       zstd_context: zstandard.ZstdDecompressor | None) -> bytes:
     """Exactly one cluster from compressed data; the input may run past the stream's end (sector padding)."""
     if compression_type == COMPRESSION_ZSTD:
+        import zstandard  # loaded only where zstd is used
+
+        if zstd_context is None:
+            zstd_context = zstd_decompressor()
         try:
             params = zstandard.get_frame_parameters(data)
         except zstandard.ZstdError as exc:
@@ -451,4 +459,6 @@ def decompress_cluster(data: bytes, compression_type: int, cluster_size: int,
 
 def zstd_decompressor() -> zstandard.ZstdDecompressor:
     """A decompression context refusing windows larger than any cluster needs."""
+    import zstandard  # loaded only where zstd is used
+
     return zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)

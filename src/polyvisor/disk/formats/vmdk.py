@@ -44,7 +44,6 @@ import tempfile
 import zlib
 from array import array
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Self
 
@@ -107,6 +106,7 @@ from polyvisor.errors import (
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     from polyvisor.disk.registry import CreateOptions, Opener
 
@@ -1053,6 +1053,8 @@ class _StreamWriter:
 
     def _submit(self, first_grain: int, data: bytes | bytearray) -> None:
         if self.pool is None:
+            from concurrent.futures import ThreadPoolExecutor  # only streamOptimized output needs it
+
             self.pool = ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 4)),
                                            thread_name_prefix="vmdk-deflate")
         self.pending.append((first_grain, self.pool.submit(_deflate_grains, data, self.grain)))
