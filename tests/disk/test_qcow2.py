@@ -484,6 +484,28 @@ def test_polyvisor_backing_file_with_copy_on_write(compat: str, workdir: Path) -
 
 
 @pytest.mark.parametrize("backing", [False, True], ids=["alone", "over-backing"])
+def test_long_writes_over_a_mix_of_new_and_allocated_clusters(backing: bool, workdir: Path) -> None:
+    """A write spanning runs of unallocated clusters (allocated together) around allocated and zero clusters."""
+    size = 8 * MIB + 4096
+    base_path = None
+    if backing:
+        qemu_create(workdir / "base.qcow2", "qcow2", size)
+        qemu_io(workdir / "base.qcow2", "qcow2", "write -P 0x77 0 8M")
+        base_path = qemu_to_raw(workdir / "base.qcow2", "qcow2", workdir / "b.raw")
+    options = CreateOptions(cluster_size=4096, **({"backing_file": "base.qcow2", "backing_fmt": "qcow2"}
+                                                  if backing else {}))
+    writes = [(3 * 4096, b"a" * 4096), (9 * 4096 + 100, b"b" * 50), (40 * 4096, b"c" * 8192),
+              (2 * 4096 + 7, bytes(range(256)) * 1024), (0, b"d" * (6 * MIB + 123)), (7 * MIB, b"e" * (MIB + 4096))]
+    image = workdir / "mixed.qcow2"
+    with create_image(image, "qcow2", size, options) as created:
+        created.write_zeroes(50 * 4096, 8 * 4096)  # zero clusters inside the long write below
+        apply_writes(created, writes)
+    qemu_check(image, "qcow2")
+    reference = reference_raw(workdir / "ref.raw", size, writes, base=base_path)
+    qemu_compare(image, "qcow2", reference, "raw")
+
+
+@pytest.mark.parametrize("backing", [False, True], ids=["alone", "over-backing"])
 @pytest.mark.parametrize("compat", COMPATS)
 def test_write_zeroes(compat: str, backing: bool, workdir: Path) -> None:
     size = 6 * MIB

@@ -897,7 +897,15 @@ class Qcow2Image(DiskImage):
                 index = cluster & l2_mask
                 entry = table[index]
                 host = entry & L2E_OFFSET_MASK
-                if host and entry & OFLAG_COPIED and not entry & OFLAG_COMPRESSED:
+                run = self._unallocated_run(table, index, (span_end - pos) >> cb) if not (entry or inside) else 0
+                if run > 1:  # whole clusters, none allocated yet (a fresh image): one allocation for all of them
+                    target = self._alloc_clusters(run)
+                    for j in range(run):
+                        table[index + j] = (target + (j << cb)) | OFLAG_COPIED
+                    self._l2_dirty.add(l2_offset)
+                    n = run << cb
+                    piece = view[pos - offset : pos - offset + n]
+                elif host and entry & OFLAG_COPIED and not entry & OFLAG_COMPRESSED:
                     self._check_host(host, cluster)
                     if entry & OFLAG_ZERO:  # preallocated zero cluster: the rest of it must read as zeros
                         if n < cs:
@@ -932,6 +940,14 @@ class Qcow2Image(DiskImage):
                 pos += n
             self._write_batch(batch_host, batch)
             batch, batch_length, slice_from = [], 0, -1
+
+    @staticmethod
+    def _unallocated_run(table: array[int], index: int, most: int) -> int:
+        """How many of the *most* L2 entries from *index* on are 0 (unallocated, no flags), in a row."""
+        count = 0
+        while count < most and not table[index + count]:
+            count += 1
+        return count
 
     def _write_batch(self, host: int, pieces: list[bytes | bytearray | memoryview]) -> None:
         if len(pieces) == 1:
