@@ -208,6 +208,8 @@ def run_case(case: Case, workdir: Path, runs: int) -> dict[str, list[Sample]]:
             else:
                 argv = ["qemu-img", "convert", "-f", QEMU_FORMAT[case.source_format],
                         "-O", QEMU_FORMAT[case.target_format], *case.qemu_options, str(source), str(outdir / name)]
+            # every run starts alike: no other variant's output waiting in the page cache to be written back
+            shutil.rmtree(workdir / "out", ignore_errors=True)
             samples[label].append(_timed(argv, outdir, sync_after=sync_after))
     shutil.rmtree(workdir / "out")
     return samples
