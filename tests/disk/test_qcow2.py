@@ -492,8 +492,8 @@ def test_long_writes_over_a_mix_of_new_and_allocated_clusters(backing: bool, wor
         qemu_create(workdir / "base.qcow2", "qcow2", size)
         qemu_io(workdir / "base.qcow2", "qcow2", "write -P 0x77 0 8M")
         base_path = qemu_to_raw(workdir / "base.qcow2", "qcow2", workdir / "b.raw")
-    options = CreateOptions(cluster_size=4096, **({"backing_file": "base.qcow2", "backing_fmt": "qcow2"}
-                                                  if backing else {}))
+    options = CreateOptions(cluster_size=4096, backing_file="base.qcow2" if backing else None,
+                            backing_fmt="qcow2" if backing else None)
     writes = [(3 * 4096, b"a" * 4096), (9 * 4096 + 100, b"b" * 50), (40 * 4096, b"c" * 8192),
               (2 * 4096 + 7, bytes(range(256)) * 1024), (0, b"d" * (6 * MIB + 123)), (7 * MIB, b"e" * (MIB + 4096))]
     image = workdir / "mixed.qcow2"
