@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from polyvisor.disk.fileio import ImageFile, WriteBehind
+from polyvisor.disk.fileio import ImageFile, OutputFiles, WriteBehind
 from polyvisor.errors import OperationFailed
 
 
@@ -102,3 +102,29 @@ def test_no_write_after_cancel(tmp_path: Path) -> None:
         file.write(0, b"late")
     file.write_behind = None
     file.close()
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_an_existing_non_file_is_never_replaced(kind: str, tmp_path: Path) -> None:
+    """Naming a directory or a device-like node as the output fails before any work, and leaves it alone."""
+    final = tmp_path / "out.qcow2"
+    if kind == "directory":
+        final.mkdir()
+    else:
+        os.mkfifo(final)
+    with pytest.raises(OperationFailed, match="exists and is not a regular file"):
+        OutputFiles().create(final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.qcow2"]
+    assert final.is_dir() if kind == "directory" else final.is_fifo()
+
+
+def test_a_failed_rename_is_an_error_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """Something taking the final name meanwhile (here a directory) ends the commit with a clear error."""
+    outputs = OutputFiles()
+    file = outputs.create(tmp_path / "out.raw")
+    file.write(0, b"data")
+    (tmp_path / "out.raw").mkdir()
+    with pytest.raises(OperationFailed, match="cannot move the finished output into place"):
+        outputs.commit()
+    outputs.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.raw"]

@@ -393,8 +393,14 @@ class OutputFiles:
         directory = final.parent if str(final.parent) else Path(".")
         if not directory.is_dir():
             raise OperationFailed(f"{final}: directory {directory} does not exist")
-        if not exist_ok and final.exists():
+        try:
+            existing = os.lstat(final).st_mode
+        except FileNotFoundError:
+            existing = None
+        if existing is not None and not exist_ok:
             raise OperationFailed(f"{final}: already exists")
+        if existing is not None and not (stat.S_ISREG(existing) or stat.S_ISLNK(existing)):
+            raise OperationFailed(f"{final}: exists and is not a regular file; name a file to create")
         tmp = directory / f".{final.name}.polyvisor-{os.urandom(4).hex()}.tmp"
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         try:
@@ -419,7 +425,10 @@ class OutputFiles:
             handle.flush()
         for handle, final in self._pending:
             handle.close()
-            os.replace(handle.path, final)
+            try:
+                os.replace(handle.path, final)
+            except OSError as exc:
+                raise OperationFailed(f"{final}: cannot move the finished output into place: {exc.strerror}") from exc
             handle.path = final
         dirs = {final.parent for _, final in self._pending} if self.durable else set()
         for directory in dirs:
