@@ -128,3 +128,18 @@ def test_a_failed_rename_is_an_error_and_leaves_no_temporary_file(tmp_path: Path
         outputs.commit()
     outputs.abort()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.raw"]
+
+
+def test_truncates_happen_in_order_with_the_writes(tmp_path: Path) -> None:
+    """A shrinking truncate between two writes cuts the first one and not the second (no barrier needed)."""
+    file = _new_file(tmp_path / "out")
+    behind = WriteBehind()
+    behind.attach([file])
+    for _ in range(20):
+        file.write(0, b"a" * 8192)
+        file.truncate(4096)
+        file.write(8192, b"z")
+    behind.close([file])
+    assert file.read(0, 8193, "test") == b"a" * 4096 + bytes(4096) + b"z"
+    assert file.size == 8193
+    file.close()

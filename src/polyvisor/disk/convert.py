@@ -115,10 +115,10 @@ class _ReadAhead(threading.Thread):
         self.src = src
         self.zero_ranges = zero_ranges  #: also pass ranges that read as zeros (diffing against a backing)
         self.buffers = [bytearray(CHUNK) for _ in range(READ_AHEAD_BUFFERS)]
-        self.free: queue.Queue[bytearray] = queue.Queue()
+        self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         for buffer in self.buffers:
             self.free.put(buffer)
-        self.ready: queue.Queue[_Chunk | BaseException | None] = queue.Queue()
+        self.ready: queue.SimpleQueue[_Chunk | BaseException | None] = queue.SimpleQueue()
         self.stopping = threading.Event()
         self.read_bytes = 0
 
