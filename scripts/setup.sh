@@ -52,3 +52,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q -e '.[dev]'
     touch "$stamp"
 fi
+# Byte-compile polyvisor as a regular pip install would: with PYTHONDONTWRITEBYTECODE set (as on some machines)
+# an editable install otherwise recompiles every module on every command (~35 ms per run).
+.venv/bin/python -m compileall -q src/polyvisor >/dev/null
