@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from polyvisor.disk.fileio import io_buffer
 from polyvisor.disk.image import DiskImage, Extent, ExtentKind, is_zero, same_bytes
 from polyvisor.disk.paths import DEFAULT_POLICY, ReferencePolicy
 from polyvisor.disk.registry import open_image
@@ -72,7 +73,7 @@ def _segments(a: Iterator[Extent], b: Iterator[Extent]) -> Iterator[tuple[int, i
 
 
 def _first_difference(a: DiskImage, b: DiskImage, length: int) -> int | None:
-    buf_a, buf_b = bytearray(CHUNK), bytearray(CHUNK)
+    buf_a, buf_b = io_buffer(CHUNK), io_buffer(CHUNK)
     for start, end, a_data, b_data in _segments(a.map(0, length), b.map(0, length)):
         if not a_data and not b_data:
             continue
@@ -98,7 +99,7 @@ def _first_difference(a: DiskImage, b: DiskImage, length: int) -> int | None:
 def _first_nonzero(image: DiskImage, offset: int, length: int) -> int | None:
     if length <= 0:
         return None
-    buf = bytearray(CHUNK)
+    buf = io_buffer(CHUNK)
     for ext in image.map(offset, length):
         if ext.kind is not ExtentKind.DATA:
             continue

@@ -10,6 +10,7 @@ The destination appears under its name only once complete (see
 
 from __future__ import annotations
 
+import mmap
 import os
 import queue
 import threading
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from polyvisor.disk.fileio import WriteBehind
+from polyvisor.disk.fileio import WriteBehind, io_buffer
 from polyvisor.disk.image import DiskImage, ExtentKind, is_zero, same_bytes
 from polyvisor.disk.paths import DEFAULT_POLICY, ReferencePolicy, real_path
 from polyvisor.disk.registry import CreateOptions, create_image, open_image
@@ -99,7 +100,7 @@ class _Chunk:
 
     offset: int
     length: int
-    buffer: bytearray | None  #: None: the range reads as zeros (no layer holds it), nothing was read
+    buffer: mmap.mmap | None  #: None: the range reads as zeros (no layer holds it), nothing was read
     done_up_to: int  #: progress: every byte below this has been dealt with once this chunk is
 
 
@@ -114,8 +115,8 @@ class _ReadAhead(threading.Thread):
         super().__init__(name="polyvisor-read-ahead", daemon=True)
         self.src = src
         self.zero_ranges = zero_ranges  #: also pass ranges that read as zeros (diffing against a backing)
-        self.buffers = [bytearray(CHUNK) for _ in range(READ_AHEAD_BUFFERS)]
-        self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self.buffers = [io_buffer(CHUNK) for _ in range(READ_AHEAD_BUFFERS)]
+        self.free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
         for buffer in self.buffers:
             self.free.put(buffer)
         self.ready: queue.SimpleQueue[_Chunk | BaseException | None] = queue.SimpleQueue()
@@ -144,7 +145,7 @@ class _ReadAhead(threading.Thread):
         except BaseException as exc:  # noqa: BLE001 - handed to the writer, which re-raises it
             self.ready.put(exc)
 
-    def _take_buffer(self) -> bytearray | None:
+    def _take_buffer(self) -> mmap.mmap | None:
         while not self.stopping.is_set():
             try:
                 return self.free.get(timeout=0.1)
@@ -162,7 +163,7 @@ class _ReadAhead(threading.Thread):
                 raise item
             yield item
 
-    def recycle(self, buffer: bytearray) -> None:
+    def recycle(self, buffer: mmap.mmap) -> None:
         """Give a buffer back to the reader once nothing refers to its content any more."""
         self.free.put(buffer)
 
@@ -177,13 +178,14 @@ def copy_image(src: DiskImage, dst: DiskImage, *, progress: Progress | None = No
     total = src.virtual_size
     if dst.virtual_size < total:
         raise UsageError(f"{dst.path}: {dst.virtual_size} bytes is smaller than the source's {total}")
-    zeros = memoryview(bytes(CHUNK))
-    base = memoryview(bytearray(CHUNK)) if dst.backing is not None else None
+    zero_buffer = io_buffer(CHUNK, writable=False)
+    zeros = memoryview(zero_buffer)
+    base = memoryview(io_buffer(CHUNK)) if dst.backing is not None else None
     reader = _ReadAhead(src, zero_ranges=base is not None)
     # The destination's writes run on a thread of their own, straight from the read-ahead buffers, which
     # return to the reader once the writes that use them are done.
     behind = WriteBehind()
-    for buffer in reader.buffers:
+    for buffer in [*reader.buffers, zero_buffer]:  # the zeros never change
         behind.lend(buffer)
     behind.attach(dst.files)
     reader.start()
