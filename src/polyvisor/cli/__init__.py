@@ -9,23 +9,83 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import Any
 
 from polyvisor import __version__
 from polyvisor.cli import demo, disk, hypervisors, v2v, vm
+from polyvisor.cli.dispatch import command_word
 from polyvisor.errors import PolyvisorError
 
 #: Exit status for a PolyvisorError (``disk compare`` and ``disk check`` have their own, as qemu-img).
 EXIT_ERROR = 1
 
-#: Modules contributing ``polyvisor vm`` subcommands; each has ``register_vm(vm_commands)``.
+#: Modules contributing ``polyvisor vm`` subcommands; each has ``register_vm(vm_commands, only)``.
 VM_COMMAND_MODULES: tuple[ModuleType, ...] = (vm, hypervisors)
 
+#: Top-level options that take a value (the word after them is not the command).
+OPTIONS_WITH_VALUE = ("-c", "--connect")
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command-line grammar."""
-    parser = argparse.ArgumentParser(
+
+def _terminal_columns() -> int:
+    """The terminal's width as :func:`shutil.get_terminal_size` reports it (importing shutil costs 4 ms)."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns if sys.__stdout__ else 0
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, told the width so that it does not import shutil to find it out."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=_terminal_columns() - 2)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser (and, through ``add_subparsers``, every sub-parser) using :class:`_HelpFormatter`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _register_vm(commands: Any, only: str | None) -> None:
+    vm_parser = commands.add_parser(
+        "vm", help="inspect VM packages; manage the VMs of a hypervisor (-c URI)")
+    vm_commands = vm_parser.add_subparsers(dest="vm_command", metavar="SUBCOMMAND", required=True)
+    if only is not None and not any(only in module.VM_COMMANDS for module in VM_COMMAND_MODULES):
+        only = None  # an unknown subcommand: the error lists them all
+    for module in VM_COMMAND_MODULES:
+        module.register_vm(vm_commands, only)
+
+
+#: Each command, in help order, and what adds it to the parser given the word after it (its subcommand).
+COMMANDS: dict[str, Callable[[Any, str | None], None]] = {
+    "disk": disk.register,
+    "vm": _register_vm,
+    "v2v": v2v.register,
+    "drivers": hypervisors.register_drivers,
+    "migrate": hypervisors.register_migrate,
+    "demo": demo.register,
+}
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command-line grammar: all of it, or given *argv* only the command it names.
+
+    Building every command's parser costs more than a short conversion saves, so ``polyvisor disk
+    convert`` builds only ``disk convert``.  Parsing *argv* gives the same result either way; help and
+    errors for an unknown or missing command come from the whole grammar.
+    """
+    parser = _Parser(
         prog="polyvisor",
         description="Make virtual machines portable between hypervisors.",
     )
@@ -33,21 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--connect", metavar="URI", default=os.environ.get("POLYVISOR_URI"),
                         help=hypervisors.URI_HELP)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    disk.register(commands)
-    vm_parser = commands.add_parser(
-        "vm", help="inspect VM packages; manage the VMs of a hypervisor (-c URI)")
-    vm_commands = vm_parser.add_subparsers(dest="vm_command", metavar="SUBCOMMAND", required=True)
-    for module in VM_COMMAND_MODULES:
-        module.register_vm(vm_commands)
-    v2v.register(commands)
-    hypervisors.register(commands)
-    demo.register(commands)
+    found = command_word(argv, OPTIONS_WITH_VALUE) if argv is not None else None
+    if found is not None and found[0] in COMMANDS:
+        word, rest = found
+        subcommand = command_word(rest)
+        COMMANDS[word](commands, subcommand[0] if subcommand else None)
+    else:
+        for register in COMMANDS.values():
+            register(commands, None)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         status: int = args.handler(args)

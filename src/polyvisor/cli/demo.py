@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 
-def register(commands: Any) -> None:
+def register(commands: Any, only: str | None = None) -> None:
     """Add ``demo`` to the top-level parser."""
     p = commands.add_parser(
         "demo",

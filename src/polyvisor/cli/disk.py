@@ -7,13 +7,17 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from polyvisor.cli.output import human_size, print_json
-from polyvisor.disk import CreateOptions, ReferencePolicy, check_image, create_image, open_image, parse_size
-from polyvisor.disk.compare import compare
-from polyvisor.disk.convert import Progress, convert
 from polyvisor.disk.image import ExtentKind
+from polyvisor.disk.paths import ReferencePolicy
+from polyvisor.disk.registry import CreateOptions, create_image, open_image, parse_size
+
+if TYPE_CHECKING:
+    from polyvisor.disk.convert import Progress
+
+# check, compare and convert are imported by their commands: each command loads only what it uses.
 
 FORMAT_HELP = "raw, qcow2, vmdk, vhd, vhdx or vdi"
 OPTIONS_HELP = (
@@ -22,16 +26,26 @@ OPTIONS_HELP = (
 )
 
 
-def register(commands: Any) -> None:
-    """Add ``disk`` and its subcommands to the top-level parser."""
+#: The ``disk`` subcommands, in help order.
+DISK_COMMANDS = ("info", "create", "convert", "check", "compare", "map")
+
+
+def register(commands: Any, only: str | None = None) -> None:
+    """Add ``disk`` and its subcommands (or only the subcommand *only*, if it is one) to the top-level parser."""
     disk = commands.add_parser("disk", help="read, write, convert, check and compare disk images")
     sub = disk.add_subparsers(dest="disk_command", metavar="SUBCOMMAND", required=True)
+    for name in DISK_COMMANDS if only not in DISK_COMMANDS else (only,):
+        _ADD_SUBCOMMAND[name](sub)
 
+
+def _add_info(sub: Any) -> None:
     p = sub.add_parser("info", help="describe an image and its backing chain")
     _common(p, json_flag=True)
     p.add_argument("image", type=Path)
     p.set_defaults(handler=cmd_info)
 
+
+def _add_create(sub: Any) -> None:
     p = sub.add_parser("create", help="create an empty image")
     p.add_argument("-O", "-f", dest="out_format", required=True, metavar="FMT", help=FORMAT_HELP)
     p.add_argument("-o", dest="options", metavar="OPTS", help=OPTIONS_HELP)
@@ -40,6 +54,8 @@ def register(commands: Any) -> None:
     p.add_argument("size", nargs="?", help="virtual size (K, M, G, T suffixes); optional with backing_file")
     p.set_defaults(handler=cmd_create)
 
+
+def _add_convert(sub: Any) -> None:
     p = sub.add_parser("convert", help="convert an image to another format")
     p.add_argument("-f", dest="format", metavar="FMT", help="source format (probed if omitted)")
     p.add_argument("-O", dest="out_format", required=True, metavar="FMT", help=FORMAT_HELP)
@@ -56,11 +72,15 @@ def register(commands: Any) -> None:
     p.add_argument("destination", type=Path)
     p.set_defaults(handler=cmd_convert)
 
+
+def _add_check(sub: Any) -> None:
     p = sub.add_parser("check", help="check an image's metadata for corruption and leaks")
     _common(p, json_flag=True)
     p.add_argument("image", type=Path)
     p.set_defaults(handler=cmd_check, error_status=1)
 
+
+def _add_compare(sub: Any) -> None:
     p = sub.add_parser("compare", help="compare the guest-visible contents of two images (exit 0 same, 1 not)")
     p.add_argument("-f", dest="format_a", metavar="FMT", help="format of the first image")
     p.add_argument("-F", dest="format_b", metavar="FMT", help="format of the second image")
@@ -69,10 +89,16 @@ def register(commands: Any) -> None:
     p.add_argument("b", type=Path)
     p.set_defaults(handler=cmd_compare, error_status=2)
 
+
+def _add_map(sub: Any) -> None:
     p = sub.add_parser("map", help="show which layer holds each range of the disk")
     _common(p, json_flag=True)
     p.add_argument("image", type=Path)
     p.set_defaults(handler=cmd_map)
+
+
+_ADD_SUBCOMMAND = {"info": _add_info, "create": _add_create, "convert": _add_convert, "check": _add_check,
+                   "compare": _add_compare, "map": _add_map}
 
 
 def _common(p: argparse.ArgumentParser, *, json_flag: bool) -> None:
@@ -136,6 +162,8 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """``disk convert``."""
+    from polyvisor.disk.convert import convert
+
     options = CreateOptions.parse(args.options, compress=args.compress)
     with _progress_bar(args.progress, f"{args.source.name} -> {args.destination.name}") as progress:
         convert(args.source, args.destination, args.out_format, options,
@@ -145,6 +173,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """``disk check``: exit 0 clean, 2 corruptions, 3 leaks only, 1 the check could not run."""
+    from polyvisor.disk.check import check_image
+
     result = check_image(args.image, args.format)
     if args.json:
         print_json(result.as_dict())
@@ -170,6 +200,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """``disk compare``: exit 0 identical, 1 different, 2 error."""
+    from polyvisor.disk.compare import compare
+
     result = compare(args.a, args.b, args.format_a, args.format_b, policy=_policy(args))
     print(result)
     return 0 if result.identical else 1

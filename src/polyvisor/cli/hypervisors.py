@@ -1,8 +1,8 @@
 """``polyvisor drivers``, ``polyvisor -c URI vm …`` and ``polyvisor migrate``: one management interface.
 
 The ``vm`` command's subcommands come from several modules: each exposes
-``register_vm(vm_commands)`` and :func:`polyvisor.cli.build_parser` calls
-them all (see ``VM_COMMAND_MODULES`` there).
+``VM_COMMANDS`` and ``register_vm(vm_commands, only)``, and
+:func:`polyvisor.cli.build_parser` calls them all (see ``VM_COMMAND_MODULES`` there).
 """
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ COMMANDS = "polyvisor.cli.hypervisors_commands"
 URI_HELP = "hypervisor connection URI (default: $POLYVISOR_URI), e.g. qemu:///session?root=DIR"
 
 
-def register(commands: Any) -> None:
-    """Add ``drivers`` and ``migrate`` to the top-level parser."""
+def register_drivers(commands: Any, only: str | None = None) -> None:
+    """Add ``drivers`` to the top-level parser."""
     p = commands.add_parser("drivers", help="the hypervisor drivers and what each can do (capability matrix)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=lazy(COMMANDS, "cmd_drivers"))
 
+
+def register_migrate(commands: Any, only: str | None = None) -> None:
+    """Add ``migrate`` to the top-level parser."""
     p = commands.add_parser("migrate", help="move a VM to another hypervisor connection (live or cold)")
     p.add_argument("name", help="the VM")
     p.add_argument("--from", dest="source", metavar="URI", help="source connection (default: -c URI)")
@@ -43,54 +46,68 @@ def register(commands: Any) -> None:
     p.set_defaults(handler=lazy(COMMANDS, "cmd_migrate"))
 
 
-def register_vm(vm_commands: Any) -> None:
-    """Add the management subcommands to ``polyvisor vm``."""
-    p = vm_commands.add_parser("list", help="every VM: name, state, vCPUs, memory")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(handler=lazy(COMMANDS, "cmd_list"))
+#: The power actions: subcommand and help.
+POWER_ACTIONS = (("start", "power on"), ("destroy", "power off at once (pull the plug)"),
+                 ("pause", "stop the vCPUs, keeping memory"), ("resume", "continue a paused VM"),
+                 ("reboot", "restart the guest"), ("undefine", "remove a stopped VM's definition"))
+#: The ``vm`` subcommands this module adds, in help order.
+VM_COMMANDS = ("list", "info", *(action for action, _ in POWER_ACTIONS), "shutdown", "define", "snapshot", "stats",
+               "console")
 
-    p = vm_commands.add_parser("info", help="one VM's details")
-    p.add_argument("name")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(handler=lazy(COMMANDS, "cmd_info"))
 
-    for action, text in (("start", "power on"), ("destroy", "power off at once (pull the plug)"),
-                         ("pause", "stop the vCPUs, keeping memory"), ("resume", "continue a paused VM"),
-                         ("reboot", "restart the guest"), ("undefine", "remove a stopped VM's definition")):
-        p = vm_commands.add_parser(action, help=text)
+def register_vm(vm_commands: Any, only: str | None = None) -> None:
+    """Add the management subcommands (or only the subcommand *only*) to ``polyvisor vm``."""
+    for name in VM_COMMANDS:
+        if only in (None, name):
+            _add_vm_command(vm_commands, name)
+
+
+def _add_vm_command(vm_commands: Any, name: str) -> None:
+    text = dict(POWER_ACTIONS).get(name)
+    if text is not None:
+        p = vm_commands.add_parser(name, help=text)
         p.add_argument("name")
-        p.set_defaults(handler=lazy(COMMANDS, "cmd_action"), action=action)
-
-    p = vm_commands.add_parser("shutdown", help="ask the guest to power off (ACPI), waiting for it")
-    p.add_argument("name")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait (default 60)")
-    p.set_defaults(handler=lazy(COMMANDS, "cmd_shutdown"))
-
-    p = vm_commands.add_parser("define", help="create a VM from a VM package or a polyvisor model JSON")
-    p.add_argument("file", type=Path, help="OVF/OVA, .vmx, libvirt domain XML… or a model JSON")
-    p.add_argument("--codec", help="the package's codec (probed if omitted)")
-    p.add_argument("--disk-dir", type=Path, metavar="DIR",
-                   help="where to extract disks packed inside the package (OVA; default: FILE-disks/)")
-    p.set_defaults(handler=lazy(COMMANDS, "cmd_define"))
-
-    p = vm_commands.add_parser("snapshot", help="create, list, revert to or delete snapshots")
-    p.add_argument("snapshot_action", choices=("create", "list", "revert", "delete"), metavar="ACTION",
-                   help="create, list, revert or delete")
-    p.add_argument("name")
-    p.add_argument("snapshot", nargs="?", help="the snapshot's name (not for list)")
-    p.add_argument("--description", default="", help="create: a description")
-    p.add_argument("--json", action="store_true", help="list: print JSON")
-    p.set_defaults(handler=lazy(COMMANDS, "cmd_snapshot"))
-
-    p = vm_commands.add_parser("stats", help="a running VM's CPU time, memory, disk and network counters")
-    p.add_argument("name")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(handler=lazy(COMMANDS, "cmd_stats"))
-
-    p = vm_commands.add_parser("console", help="print the serial console's output so far")
-    p.add_argument("name")
-    p.add_argument("--follow", "-f", action="store_true", help="keep printing new output until the VM stops")
-    p.set_defaults(handler=lazy(COMMANDS, "cmd_console"))
+        p.set_defaults(handler=lazy(COMMANDS, "cmd_action"), action=name)
+    elif name == "list":
+        p = vm_commands.add_parser("list", help="every VM: name, state, vCPUs, memory")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(handler=lazy(COMMANDS, "cmd_list"))
+    elif name == "info":
+        p = vm_commands.add_parser("info", help="one VM's details")
+        p.add_argument("name")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(handler=lazy(COMMANDS, "cmd_info"))
+    elif name == "shutdown":
+        p = vm_commands.add_parser("shutdown", help="ask the guest to power off (ACPI), waiting for it")
+        p.add_argument("name")
+        p.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait (default 60)")
+        p.set_defaults(handler=lazy(COMMANDS, "cmd_shutdown"))
+    elif name == "define":
+        p = vm_commands.add_parser("define", help="create a VM from a VM package or a polyvisor model JSON")
+        p.add_argument("file", type=Path, help="OVF/OVA, .vmx, libvirt domain XML… or a model JSON")
+        p.add_argument("--codec", help="the package's codec (probed if omitted)")
+        p.add_argument("--disk-dir", type=Path, metavar="DIR",
+                       help="where to extract disks packed inside the package (OVA; default: FILE-disks/)")
+        p.set_defaults(handler=lazy(COMMANDS, "cmd_define"))
+    elif name == "snapshot":
+        p = vm_commands.add_parser("snapshot", help="create, list, revert to or delete snapshots")
+        p.add_argument("snapshot_action", choices=("create", "list", "revert", "delete"), metavar="ACTION",
+                       help="create, list, revert or delete")
+        p.add_argument("name")
+        p.add_argument("snapshot", nargs="?", help="the snapshot's name (not for list)")
+        p.add_argument("--description", default="", help="create: a description")
+        p.add_argument("--json", action="store_true", help="list: print JSON")
+        p.set_defaults(handler=lazy(COMMANDS, "cmd_snapshot"))
+    elif name == "stats":
+        p = vm_commands.add_parser("stats", help="a running VM's CPU time, memory, disk and network counters")
+        p.add_argument("name")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(handler=lazy(COMMANDS, "cmd_stats"))
+    elif name == "console":
+        p = vm_commands.add_parser("console", help="print the serial console's output so far")
+        p.add_argument("name")
+        p.add_argument("--follow", "-f", action="store_true", help="keep printing new output until the VM stops")
+        p.set_defaults(handler=lazy(COMMANDS, "cmd_console"))
 
 
 # ------------------------------------------------------------------------------------- helpers

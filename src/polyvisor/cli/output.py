@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
@@ -23,5 +22,7 @@ def human_size(value: int) -> str:
 
 def print_json(value: Any) -> None:
     """Pretty JSON on stdout."""
+    import json  # only the --json commands pay for it
+
     json.dump(value, sys.stdout, indent=2, sort_keys=False)
     sys.stdout.write("\n")

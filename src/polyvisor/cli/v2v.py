@@ -13,7 +13,7 @@ from polyvisor.cli.disk import _policy, _policy_flags, _progress_bar
 TARGETS = ("ova", "ovf", "vmx", "libvirt", "xl", "vbox", "proxmox", "xva", "hyperv", "ec2")
 
 
-def register(commands: Any) -> None:
+def register(commands: Any, only: str | None = None) -> None:
     """Add ``v2v`` to the top-level parser."""
     p = commands.add_parser("v2v", help="convert a VM package (descriptor and disks) for another hypervisor")
     p.add_argument("source", type=Path, metavar="SRC", help="the source package (.ova, .ovf, .vmx, .xml, ...)")

@@ -9,9 +9,20 @@ from typing import Any
 from polyvisor.cli.disk import _policy, _policy_flags
 from polyvisor.cli.output import human_size, print_json
 
+#: The ``vm`` subcommands this module adds.
+VM_COMMANDS = ("inspect", "codecs")
 
-def register_vm(sub: Any) -> None:
-    """Add ``inspect`` and ``codecs`` to ``polyvisor vm`` (whose parser :mod:`polyvisor.cli` makes)."""
+
+def register_vm(sub: Any, only: str | None = None) -> None:
+    """Add ``inspect`` and ``codecs`` (or only *only*) to ``polyvisor vm`` (whose parser :mod:`polyvisor.cli` makes)."""
+    if only in (None, "inspect"):
+        _add_inspect(sub)
+    if only in (None, "codecs"):
+        p = sub.add_parser("codecs", help="list the VM package codecs")
+        p.set_defaults(handler=cmd_codecs)
+
+
+def _add_inspect(sub: Any) -> None:
     p = sub.add_parser("inspect", help="show the VM a package describes, its codec and its disks")
     p.add_argument("--json", action="store_true", help="print JSON: the codec, the disks and the model")
     p.add_argument("--codec", metavar="NAME", help="the package's codec (probed if omitted)")
@@ -19,8 +30,6 @@ def register_vm(sub: Any) -> None:
     _policy_flags(p)
     p.add_argument("source", type=Path, metavar="SRC")
     p.set_defaults(handler=cmd_inspect)
-    p = sub.add_parser("codecs", help="list the VM package codecs")
-    p.set_defaults(handler=cmd_codecs)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
