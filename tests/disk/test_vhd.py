@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from polyvisor import records
 from polyvisor.disk import CreateOptions, ExtentKind, ReferencePolicy, create_image, open_image, probe_format
 from polyvisor.disk.check import check_image
 from polyvisor.disk.convert import convert
@@ -78,7 +78,7 @@ def footer_of(path: Path, at: int | None = None) -> Footer:
 
 
 def put_footer(path: Path, footer: Footer, offsets: list[int]) -> None:
-    raw = with_checksum(FOOTER.pack(dataclasses.replace(footer, checksum=0)), FOOTER_CHECKSUM_AT)
+    raw = with_checksum(FOOTER.pack(records.replace(footer, checksum=0)), FOOTER_CHECKSUM_AT)
     with open(path, "r+b") as f:
         for offset in offsets:
             f.seek(offset)
@@ -88,7 +88,7 @@ def put_footer(path: Path, footer: Footer, offsets: list[int]) -> None:
 def patch_footer(path: Path, **changes: Any) -> None:
     """Change footer fields (both copies of a dynamic disk) and recompute the checksum."""
     size = path.stat().st_size
-    footer = dataclasses.replace(footer_of(path), **changes)
+    footer = records.replace(footer_of(path), **changes)
     offsets = [size - 512]
     if peek(path, 0, 8) == b"conectix":
         offsets.append(0)
@@ -102,9 +102,9 @@ def header_of(path: Path) -> tuple[DynamicHeader, int]:
 
 def patch_header(path: Path, *, keep_checksum: bool = False, **changes: Any) -> None:
     header, offset = header_of(path)
-    header = dataclasses.replace(header, **changes)
+    header = records.replace(header, **changes)
     raw = HEADER.pack(header) if keep_checksum else with_checksum(
-        HEADER.pack(dataclasses.replace(header, checksum=0)), HEADER_CHECKSUM_AT)
+        HEADER.pack(records.replace(header, checksum=0)), HEADER_CHECKSUM_AT)
     poke(path, offset, raw)
 
 
@@ -627,7 +627,7 @@ def test_damaged_copy_is_reported(workdir: Path) -> None:
     assert read_all(image) == expected
     assert any("checksum" in p.message and p.offset == 0 for p in check_image(image).problems)
     image2, _ = dynamic_image(workdir)
-    put_footer(image2, dataclasses.replace(footer_of(image2, 0), timestamp=12345), [0])
+    put_footer(image2, records.replace(footer_of(image2, 0), timestamp=12345), [0])
     problems = check_image(image2).problems
     assert [p.structure for p in problems] == ["VHD footer copy"]
     assert "differs" in problems[0].message

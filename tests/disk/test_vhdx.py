@@ -7,7 +7,6 @@ against raw references built from the same writes.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import shutil
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from polyvisor import records
 from polyvisor.disk import DiskImage, ExtentKind, ReferencePolicy, check_image, create_image, open_image, probe_format
 from polyvisor.disk.formats import vhdx_structs as vs
 from polyvisor.disk.formats.vhdx import VhdxImage
@@ -294,7 +294,7 @@ def test_current_header_is_the_valid_one_with_the_higher_sequence(workdir: Path)
     with create_image(image_path, "vhdx", SIZE):
         pass
     index, header = vt.current_header(image_path)
-    other = dataclasses.replace(header, sequence_number=header.sequence_number + 5, data_write_guid=b"\x42" * 16)
+    other = records.replace(header, sequence_number=header.sequence_number + 5, data_write_guid=b"\x42" * 16)
     vt.write_header(image_path, 1 - index, other)
     with open_image(image_path) as image:
         assert image.info().details["data_write_guid"] == vs.guid_text(b"\x42" * 16)
@@ -765,7 +765,7 @@ def test_overlapping_regions(workdir: Path) -> None:
     path = fresh(workdir)
     entries = vt.region_table(path)[1]
     metadata = next(e for e in entries if e.guid == vs.METADATA_REGION)
-    moved = [dataclasses.replace(e, file_offset=metadata.file_offset) if e.guid == vs.BAT_REGION else e
+    moved = [records.replace(e, file_offset=metadata.file_offset) if e.guid == vs.BAT_REGION else e
              for e in entries]
     vt.write_region_table(path, moved)
     assert_refused(path, CorruptImage, "overlaps")
@@ -773,7 +773,7 @@ def test_overlapping_regions(workdir: Path) -> None:
 
 def test_region_inside_the_log(workdir: Path) -> None:
     path = fresh(workdir)
-    entries = [dataclasses.replace(e, file_offset=MIB) if e.guid == vs.BAT_REGION else e
+    entries = [records.replace(e, file_offset=MIB) if e.guid == vs.BAT_REGION else e
                for e in vt.region_table(path)[1]]
     vt.write_region_table(path, entries)
     assert_refused(path, CorruptImage, "overlaps the log")
@@ -785,7 +785,7 @@ def test_unknown_regions(workdir: Path) -> None:
     extra = vs.RegionTableEntry(vs.new_guid(), 200 * MIB, MIB, 0)
     vt.write_region_table(path, [*entries, extra])
     assert read_all(path)[:4] == b"\x5a" * 4  # optional: ignored
-    vt.write_region_table(path, [*entries, dataclasses.replace(extra, flags=vs.REGION_REQUIRED)])
+    vt.write_region_table(path, [*entries, records.replace(extra, flags=vs.REGION_REQUIRED)])
     assert_refused(path, UnsupportedFeature, "required region")
 
 

@@ -3,12 +3,12 @@ and a real dirty log made by qemu-io through blkdebug."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import subprocess
 from pathlib import Path
 
+from polyvisor import records
 from polyvisor.disk.formats import vhdx_structs as vs
 from tests.peers import qemu_img, require
 
@@ -43,14 +43,14 @@ def current_header(path: Path) -> tuple[int, vs.Header]:
 def write_header(path: Path, index: int, header: vs.Header) -> None:
     """Store *header* in slot *index* with a correct checksum."""
     buf = bytearray(vs.HEADER_SIZE)
-    buf[: vs.HEADER.size] = vs.HEADER.pack(dataclasses.replace(header, checksum=0))
+    buf[: vs.HEADER.size] = vs.HEADER.pack(records.replace(header, checksum=0))
     patch(path, vs.HEADER_OFFSETS[index], bytes(vs.with_checksum(buf)))
 
 
 def update_header(path: Path, **changes: object) -> vs.Header:
     """The spec's header update: the changed current header, next sequence number, into the other slot."""
     index, header = current_header(path)
-    new = dataclasses.replace(header, sequence_number=header.sequence_number + 1, **changes)  # type: ignore[arg-type]
+    new = records.replace(header, sequence_number=header.sequence_number + 1, **changes)
     write_header(path, 1 - index, new)
     return new
 
@@ -110,7 +110,7 @@ def metadata_item_offset(path: Path, guid: bytes) -> int:
 
 def set_metadata_entry(path: Path, guid: bytes, **changes: int | bytes) -> None:
     at, entry = metadata_entries(path)[guid]
-    patch(path, at, vs.METADATA_TABLE_ENTRY.pack(dataclasses.replace(entry, **changes)))  # type: ignore[arg-type]
+    patch(path, at, vs.METADATA_TABLE_ENTRY.pack(records.replace(entry, **changes)))
 
 
 def replace_parent_locator(path: Path, locator: dict[str, str]) -> None:

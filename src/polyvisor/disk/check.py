@@ -10,11 +10,11 @@ could not run.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from polyvisor.errors import ImageError, ReadOnlyImage
+from polyvisor.records import field, record
 
 #: Problems recorded before a check stops listing (it still counts them).
 MAX_LISTED_PROBLEMS = 1000
@@ -27,7 +27,7 @@ class ProblemKind(enum.StrEnum):
     LEAK = "leak"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CheckProblem:
     """One finding: where and what."""
 
@@ -41,7 +41,7 @@ class CheckProblem:
         return f"{self.kind.value.upper()}: {where}: {self.message}"
 
 
-@dataclass
+@record
 class CheckResult:
     """Everything a check found in one image file."""
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from polyvisor.disk.fileio import io_buffer
 from polyvisor.disk.image import DiskImage, Extent, ExtentKind, is_zero, same_bytes
 from polyvisor.disk.paths import DEFAULT_POLICY, ReferencePolicy
 from polyvisor.disk.registry import open_image
+from polyvisor.records import record
 
 CHUNK = 4 << 20
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CompareResult:
     """The outcome: identical, or where the first difference is."""
 

@@ -16,7 +16,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from polyvisor.disk.image import DiskImage, ExtentKind, is_zero, same_bytes
 from polyvisor.disk.paths import DEFAULT_POLICY, ReferencePolicy, real_path
 from polyvisor.disk.registry import CreateOptions, create_image, open_image
 from polyvisor.errors import UsageError
+from polyvisor.records import record
 
 #: Bytes read from the source per step.
 CHUNK = 4 << 20
@@ -36,7 +36,7 @@ ZERO_GRANULE = 64 << 10
 Progress = Callable[[int, int], None]
 
 
-@dataclass
+@record
 class ConvertResult:
     """What a conversion did."""
 
@@ -94,7 +94,7 @@ def _refuse_overwriting_the_source(src: DiskImage, destination: Path) -> None:
                 raise UsageError(f"{destination}: is the source image (or one of its files); choose another name")
 
 
-@dataclass
+@record
 class _Chunk:
     """A stretch of the source on its way from the reading thread to the writer."""
 

@@ -19,10 +19,10 @@ import queue
 import stat
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from polyvisor.errors import OperationFailed, ReadOnlyImage, TruncatedImage
+from polyvisor.records import record
 
 #: Bytes handed to a single ``pread``/``pwrite``; larger requests are split.
 IO_CHUNK = 16 << 20
@@ -401,7 +401,7 @@ class WriteBehind:
                         self._room.notify_all()
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class _Write:
     """A write waiting for the :class:`WriteBehind` thread."""
 
@@ -411,7 +411,7 @@ class _Write:
     copied: int  #: bytes copied on submission (0: lent or immutable data)
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class _Call:
     """Another operation for the :class:`WriteBehind` thread, in order with the writes."""
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 import abc
 import enum
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from polyvisor.disk.fileio import ImageFile, OutputFiles
 from polyvisor.errors import CorruptImage, ReadOnlyImage, UnsupportedFeature, UsageError
+from polyvisor.records import field, record
 
 if TYPE_CHECKING:
     from polyvisor.disk.check import CheckResult
@@ -78,7 +78,7 @@ class ExtentKind(enum.StrEnum):
     UNALLOCATED = "unallocated"  #: nothing here: reads fall through to the backing image, or zeros
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Extent:
     """A stretch of the guest address space and what provides it.
 
@@ -98,7 +98,7 @@ class Extent:
         return self.offset + self.length
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Run:
     """Where one stretch of a layer's guest bytes lives (yielded by ``_map``).
 
@@ -145,7 +145,7 @@ def sparse_file_runs(file: ImageFile, host: int, length: int, guest: int) -> Ite
         pos = hole
 
 
-@dataclass
+@record
 class ProbeSample:
     """What format probes look at: the start and the end of a file."""
 
@@ -155,7 +155,7 @@ class ProbeSample:
     tail: bytes  #: the last 512 bytes of the file (fewer if the file is smaller)
 
 
-@dataclass
+@record
 class ImageInfo:
     """What ``polyvisor disk info`` prints."""
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from polyvisor.errors import BackingChainError, MissingReference, UnsafeReference, UnsupportedFeature
+from polyvisor.records import field, record
 
 #: Deepest backing chain polyvisor opens; deeper chains are refused as hostile.
 MAX_CHAIN_DEPTH = 128
@@ -23,7 +23,7 @@ MAX_CHAIN_DEPTH = 128
 _PROTOCOL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]{1,15}:")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ReferencePolicy:
     """Where references inside images may lead.
 

@@ -8,19 +8,19 @@ time a format is needed, so adding a format is adding a module.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import os
 import pkgutil
 import re
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from polyvisor import records
 from polyvisor.disk.fileio import DURABLE_OUTPUTS, ImageFile
 from polyvisor.disk.image import DiskImage, ProbeSample
 from polyvisor.disk.paths import DEFAULT_POLICY, ChainGuard, ReferencePolicy, resolve_reference
 from polyvisor.errors import UnknownFormat, UnsupportedOption, UsageError
+from polyvisor.records import fields, record
 
 D = TypeVar("D", bound=type[DiskImage])
 
@@ -138,7 +138,7 @@ def parse_size(text: str, *, what: str = "size") -> int:
     return int(value)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CreateOptions:
     """Everything ``create`` can be asked for (the ``-o`` options and ``-c``)."""
 
@@ -193,7 +193,7 @@ class CreateOptions:
 # ------------------------------------------------------------ open / create
 
 
-@dataclass
+@record
 class Opener:
     """How an image opens the other files it refers to (backing files, extents, parents)."""
 
@@ -281,7 +281,7 @@ def create_image(
     if options.backing_file:
         backing = opener.open_backing(path, options.backing_file, options.backing_fmt)
         if backing is not None and options.backing_fmt is None:
-            options = dataclasses.replace(options, backing_fmt=backing.format_name)
+            options = records.replace(options, backing_fmt=backing.format_name)
     try:
         if size is None:
             if backing is None:

@@ -1,8 +1,8 @@
-"""Declarative on-disk structures: a typed dataclass beside its ``struct`` layout.
+"""Declarative on-disk structures: a typed record beside its ``struct`` layout.
 
 A format module declares each structure once::
 
-    @dataclass(slots=True)
+    @record(slots=True)
     class Footer:
         cookie: bytes
         features: int
@@ -17,10 +17,10 @@ when the module is imported.
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 from typing import Any, Generic, TypeVar
 
+from polyvisor import records
 from polyvisor.disk.fileio import ImageFile
 from polyvisor.errors import TruncatedImage
 
@@ -28,14 +28,14 @@ T = TypeVar("T")
 
 
 class Layout(Generic[T]):
-    """The binary layout of dataclass *cls*, field by field, as a ``struct`` format."""
+    """The binary layout of record *cls*, field by field, as a ``struct`` format."""
 
     def __init__(self, cls: type[T], fmt: str, name: str) -> None:
         self.cls = cls
         self.struct = struct.Struct(fmt)
         self.size = self.struct.size
         self.name = name
-        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        fields = records.fields(cls)
         self.field_names = tuple(f.name for f in fields)
         probe = self.struct.unpack(bytes(self.size))
         if len(fields) != len(probe):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from polyvisor import records
 from polyvisor.disk import CreateOptions, ReferencePolicy, open_image
 from polyvisor.disk.convert import convert
 from polyvisor.errors import UnmappableModel, UsageError
@@ -352,7 +353,7 @@ def _convert_disks(sources: dict[str, Any], original: VmModel, model: VmModel, s
 
 def _policy_for(image: Path, policy: ReferencePolicy) -> ReferencePolicy:
     """The source policy, plus the image's own directory (VMDK extents and backing files beside it)."""
-    return dataclasses.replace(policy, allowed_dirs=(*policy.allowed_dirs, image.resolve().parent))
+    return records.replace(policy, allowed_dirs=(*policy.allowed_dirs, image.resolve().parent))
 
 
 def _size(path: Path) -> int:

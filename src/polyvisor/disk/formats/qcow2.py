@@ -31,7 +31,6 @@ import functools
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
@@ -115,6 +114,7 @@ from polyvisor.errors import (
     UnsupportedOption,
     UsageError,
 )
+from polyvisor.records import field, record
 
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -153,7 +153,7 @@ _COMPAT_VERSIONS = {"1.1": 3, "v3": 3, "0.10": 2, "v2": 2}
 _Piece = tuple[ExtentKind, int, int, int, "Callable[[], bytes] | None", int]
 
 
-@dataclass
+@record
 class _PartialCluster:
     """A guest cluster of a compressed image written only in part so far."""
 

@@ -12,10 +12,10 @@ import sys
 import threading
 import zlib
 from array import array
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from polyvisor.disk.structs import Layout
+from polyvisor.records import field, record
 
 if TYPE_CHECKING:
     import zstandard
@@ -101,7 +101,7 @@ FEATURE_NAMES: tuple[tuple[int, int, str], ...] = (
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class HeaderV2:
     """The 72 bytes every qcow2 header starts with ("Header", bytes 0-71)."""
 
@@ -123,7 +123,7 @@ class HeaderV2:
 HEADER_V2 = Layout(HeaderV2, ">4sIQIIQIIQQIIQ", "qcow2 header")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class HeaderV3:
     """Version 3 header fields ("Header", bytes 72-103)."""
 
@@ -137,7 +137,7 @@ class HeaderV3:
 HEADER_V3 = Layout(HeaderV3, ">QQQII", "qcow2 version 3 header")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Header:
     """A whole qcow2 header, version 2 fields defaulted as the spec says."""
 
@@ -211,7 +211,7 @@ class Header:
 EXTENSION_HEADER = struct.Struct(">II")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class BitmapsExtension:
     """The bitmaps extension ("Bitmaps extension")."""
 
@@ -224,7 +224,7 @@ class BitmapsExtension:
 BITMAPS_EXTENSION = Layout(BitmapsExtension, ">IIQQ", "qcow2 bitmaps extension")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class BitmapDirectoryEntry:
     """The fixed part of a bitmap directory entry ("Bitmap directory")."""
 
@@ -240,7 +240,7 @@ class BitmapDirectoryEntry:
 BITMAP_DIRECTORY_ENTRY = Layout(BitmapDirectoryEntry, ">QIIBBHI", "qcow2 bitmap directory entry")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class SnapshotEntry:
     """The fixed part of a snapshot table entry ("Snapshots")."""
 
@@ -258,7 +258,7 @@ class SnapshotEntry:
 SNAPSHOT_ENTRY = Layout(SnapshotEntry, ">QIHHIIQII", "qcow2 snapshot table entry")
 
 
-@dataclass
+@record
 class Extensions:
     """What the header extension area holds (only the parts polyvisor uses)."""
 

@@ -18,12 +18,12 @@ Layout of a file::
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 from polyvisor.disk.fileio import ImageFile
 from polyvisor.disk.structs import Layout, is_power_of_two
 from polyvisor.errors import CorruptImage, LimitExceeded, TruncatedImage, UnsupportedFeature
+from polyvisor.records import record
 
 #: ``VDI_IMAGE_SIGNATURE`` (VDICore.h).
 SIGNATURE = 0xBEDA107F
@@ -69,7 +69,7 @@ def new_uuid() -> bytes:
     return uuid.uuid4().bytes_le
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class PreHeader:
     """``VDIPREHEADER``: free text, the signature and the version (major << 16 | minor)."""
 
@@ -81,7 +81,7 @@ class PreHeader:
 PREHEADER = Layout(PreHeader, "<64sII", "VDI pre-header")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Header:
     """``VDIHEADER1PLUS`` (VDICore.h), the form polyvisor keeps every header version in.
 
@@ -118,7 +118,7 @@ class Header:
 HEADER1PLUS = Layout(Header, "<3I256s2I4IIQ4I16s16s16s16s4I", "VDI header")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Header0:
     """``VDIHEADER0``: the old major-0 header; block map and data follow it unaligned."""
 
@@ -141,7 +141,7 @@ class Header0:
 HEADER0 = Layout(Header0, "<2I256s4IQ3I16s16s16s", "VDI header v0")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class ParsedHeader:
     """A header as read from a file: its version, its layout and its fields."""
 

@@ -64,7 +64,6 @@ import sys
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import unquote
@@ -129,6 +128,7 @@ from polyvisor.errors import (
     UnsupportedOption,
     UsageError,
 )
+from polyvisor.records import field, record
 
 if TYPE_CHECKING:
     from polyvisor.disk.registry import CreateOptions, Opener
@@ -195,7 +195,7 @@ def _footer_problem(raw: bytes) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SizeRule:
     """Which footer field gives the virtual size, and why."""
 
@@ -243,7 +243,7 @@ def _file_url_path(url: str) -> str:
     return unquote(url)
 
 
-@dataclass
+@record
 class Locator:
     """A parent locator entry and its decoded path."""
 
@@ -265,7 +265,7 @@ class Locator:
         return space * SECTOR if space < SECTOR else space
 
 
-@dataclass
+@record
 class DynamicLayout:
     """The dynamic-disk structures of a dynamic or differencing VHD, kept in memory."""
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import datetime
 import uuid
-from dataclasses import dataclass
 
 from polyvisor.disk.structs import Layout
+from polyvisor.records import record
 
 SECTOR = 512
 
@@ -48,7 +48,7 @@ VHD_EPOCH = 946684800
 MAX_GEOMETRY = (65535, 16, 255)
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Footer:
     """The 512-byte hard disk footer (spec: "Hard Disk Footer Format").
 
@@ -81,7 +81,7 @@ FOOTER = Layout(Footer, ">8sIIQI4sI4sQQHBBII16sB427s", "VHD footer")
 FOOTER_CHECKSUM_AT = 64
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class DynamicHeader:
     """The 1024-byte dynamic disk header (spec: "Dynamic Disk Header Format")."""
 
@@ -108,7 +108,7 @@ HEADER_PARENT_ID_AT = 40
 HEADER_LOCATORS_AT = 576
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class ParentLocator:
     """One of the eight parent locator entries of the dynamic header (spec: "Parent Locator Entries")."""
 

@@ -54,18 +54,16 @@ Memory stays bounded: the BAT is held in memory up to ``MAX_BAT_ENTRIES``
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import itertools
 import os
 import re
 import sys
 from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, Any, Self
 
-from polyvisor import __version__
+from polyvisor import __version__, records
 from polyvisor.disk.check import CheckResult
 from polyvisor.disk.fileio import ImageFile, OutputFiles
 from polyvisor.disk.formats import vhdx_structs as vs
@@ -86,6 +84,7 @@ from polyvisor.errors import (
     UnsupportedOption,
     UsageError,
 )
+from polyvisor.records import field, record
 
 if TYPE_CHECKING:
     from polyvisor.disk.registry import CreateOptions, Opener
@@ -112,7 +111,7 @@ _ZERO_READ_STATES = frozenset({vs.PAYLOAD_BLOCK_UNDEFINED, vs.PAYLOAD_BLOCK_ZERO
 _PRESENT_STATES = frozenset({vs.PAYLOAD_BLOCK_FULLY_PRESENT, vs.PAYLOAD_BLOCK_PARTIALLY_PRESENT})
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class _Region:
     """A stretch of the file that payload blocks must not overlap."""
 
@@ -121,7 +120,7 @@ class _Region:
     name: str
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class _Problem:
     """Something tolerated while opening that ``check`` reports."""
 
@@ -144,7 +143,7 @@ class _Headers:
 
     def update(self, **changes: Any) -> None:
         """Write the current header, changed and with the next sequence number, over the other one."""
-        header = dataclasses.replace(self.current, checksum=0,
+        header = records.replace(self.current, checksum=0,
                                      sequence_number=self.current.sequence_number + 1, **changes)
         target = 1 - self.index
         self.file.write(vs.HEADER_OFFSETS[target], _header_bytes(header))
@@ -154,7 +153,7 @@ class _Headers:
 
 def _header_bytes(header: vs.Header) -> bytearray:
     buf = bytearray(vs.HEADER_SIZE)
-    buf[: vs.HEADER.size] = vs.HEADER.pack(dataclasses.replace(header, checksum=0))
+    buf[: vs.HEADER.size] = vs.HEADER.pack(records.replace(header, checksum=0))
     return vs.with_checksum(buf)
 
 
@@ -208,7 +207,7 @@ def _truncated(file: ImageFile, structure: str, offset: int, length: int) -> Tru
                           structure=structure, offset=offset)
 
 
-@dataclass
+@record
 class _State:
     """Everything ``open``/``create`` parse or decide, handed to the image."""
 
@@ -406,7 +405,7 @@ class VhdxImage(DiskImage):
             creator = f"polyvisor {__version__}"
             file.write(0, vs.FILE_IDENTIFIER.pack(vs.FileIdentifier(b"vhdxfile", creator.encode("utf-16-le"))))
             file.write(vs.HEADER_OFFSETS[0], _header_bytes(header))
-            header = dataclasses.replace(header, sequence_number=header.sequence_number + 1)
+            header = records.replace(header, sequence_number=header.sequence_number + 1)
             file.write(vs.HEADER_OFFSETS[1], _header_bytes(header))
             table = _region_table_bytes([(vs.BAT_REGION, bat_offset, bat_length),
                                          (vs.METADATA_REGION, metadata_offset, MIB)])

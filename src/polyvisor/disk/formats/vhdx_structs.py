@@ -15,11 +15,11 @@ from __future__ import annotations
 import heapq
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import google_crc32c
 
 from polyvisor.disk.structs import Layout
+from polyvisor.records import record
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -150,7 +150,7 @@ def with_checksum(data: bytearray, at: int = 4) -> bytearray:
 # ----------------------------------------------------------------- structures
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class FileIdentifier:
     """§2.2.1: ``vhdxfile`` and the creator's name in UTF-16."""
 
@@ -161,7 +161,7 @@ class FileIdentifier:
 FILE_IDENTIFIER = Layout(FileIdentifier, "<8s512s", "VHDX file type identifier")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class Header:
     """§2.2.2: one of the two headers; the valid one with the higher sequence number is current."""
 
@@ -180,7 +180,7 @@ class Header:
 HEADER = Layout(Header, "<4sIQ16s16s16sHHIQ", "VHDX header")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class RegionTableHeader:
     """§2.2.3: ``regi``, checksum over the 64 KiB table, entry count."""
 
@@ -193,7 +193,7 @@ class RegionTableHeader:
 REGION_TABLE_HEADER = Layout(RegionTableHeader, "<4sIII", "VHDX region table header")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class RegionTableEntry:
     """§2.2.3.1: where a region (BAT, metadata) lives; bit 0 of *flags* is Required."""
 
@@ -206,7 +206,7 @@ class RegionTableEntry:
 REGION_TABLE_ENTRY = Layout(RegionTableEntry, "<16sQII", "VHDX region table entry")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class MetadataTableHeader:
     """§2.6.1.1: ``metadata`` and the entry count."""
 
@@ -219,7 +219,7 @@ class MetadataTableHeader:
 METADATA_TABLE_HEADER = Layout(MetadataTableHeader, "<8sHH20s", "VHDX metadata table header")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class MetadataTableEntry:
     """§2.6.1.2: one metadata item, at *offset* from the start of the metadata region."""
 
@@ -233,7 +233,7 @@ class MetadataTableEntry:
 METADATA_TABLE_ENTRY = Layout(MetadataTableEntry, "<16sIIII", "VHDX metadata table entry")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class FileParameters:
     """§2.6.2.1: block size, LeaveBlockAllocated (bit 0) and HasParent (bit 1)."""
 
@@ -244,7 +244,7 @@ class FileParameters:
 FILE_PARAMETERS_ITEM = Layout(FileParameters, "<II", "VHDX file parameters")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class ParentLocatorHeader:
     """§2.6.2.6: the locator type and the number of key/value entries."""
 
@@ -256,7 +256,7 @@ class ParentLocatorHeader:
 PARENT_LOCATOR_HEADER = Layout(ParentLocatorHeader, "<16sHH", "VHDX parent locator header")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class ParentLocatorEntry:
     """§2.6.2.6.2: offsets (from the locator's start) and byte lengths of a UTF-16 key and value."""
 
@@ -269,7 +269,7 @@ class ParentLocatorEntry:
 PARENT_LOCATOR_ENTRY = Layout(ParentLocatorEntry, "<IIHH", "VHDX parent locator entry")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class LogEntryHeader:
     """§2.3.1.1: the 64-byte header opening every log entry."""
 
@@ -288,7 +288,7 @@ class LogEntryHeader:
 LOG_ENTRY_HEADER = Layout(LogEntryHeader, "<4sIIIQII16sQQ", "VHDX log entry header")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class LogDescriptor:
     """§2.3.1.2-3: a zero descriptor (``zero``: *middle* is ZeroLength) or a data descriptor
     (``desc``: *trailing* and *leading* are bytes 4092-4095 and 0-7 of the sector)."""
@@ -303,7 +303,7 @@ class LogDescriptor:
 LOG_DESCRIPTOR = Layout(LogDescriptor, "<4s4s8sQQ", "VHDX log descriptor")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class LogDataSector:
     """§2.3.1.4: ``data``, the sequence number split around bytes 8-4091 of the logged sector."""
 
@@ -319,7 +319,7 @@ LOG_DATA_SECTOR = Layout(LogDataSector, "<4sI4084sI", "VHDX log data sector")
 # ----------------------------------------------------------------- the log (§2.3)
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class LogWrite:
     """One descriptor of a log entry: *length* bytes at *file_offset*, *data* or zeros (None)."""
 
@@ -328,7 +328,7 @@ class LogWrite:
     data: bytes | None
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class LogEntry:
     """A structurally valid log entry whose checksum matched, at byte *position* of the log."""
 

@@ -40,7 +40,6 @@ import itertools
 import os
 import struct
 import sys
-import tempfile
 import zlib
 from array import array
 from collections.abc import Iterator
@@ -1119,6 +1118,8 @@ class _StreamWriter:
         self._drain()
         self._close_gt()
         self._flush_out()
+        import tempfile  # rarely needed, and it imports shutil: not at start-up
+
         try:
             fd, name = tempfile.mkstemp(prefix=f".{self.image_path.name}.", suffix=".polyvisor-scratch",
                                         dir=self.image_path.parent)

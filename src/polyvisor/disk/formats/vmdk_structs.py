@@ -11,11 +11,11 @@ from __future__ import annotations
 import codecs
 import re
 import secrets
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from polyvisor.disk.structs import Layout
 from polyvisor.errors import CorruptImage, LimitExceeded, UnsupportedFeature
+from polyvisor.records import field, record
 
 SECTOR = 512
 
@@ -62,7 +62,7 @@ NO_PARENT_CID = 0xFFFFFFFF
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class SparseHeader:
     """SparseExtentHeader: sector 0 of a hosted sparse extent (VDF "Hosted Sparse Extent Header").
 
@@ -89,7 +89,7 @@ class SparseHeader:
 SPARSE_HEADER = Layout(SparseHeader, "<4sIIQQQQIQQQB4sH433s", "VMDK sparse extent header")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class GrainMarker:
     """The 12 bytes before a compressed grain: its first sector in the extent and the deflate size."""
 
@@ -100,7 +100,7 @@ class GrainMarker:
 GRAIN_MARKER = Layout(GrainMarker, "<QI", "VMDK grain marker")
 
 
-@dataclass(slots=True)
+@record(slots=True)
 class MetadataMarker:
     """A sector announcing stream metadata: a grain table, the grain directory, the footer or the end."""
 
@@ -121,7 +121,7 @@ def metadata_marker(kind: int, num_sectors: int) -> bytes:
 # ---------------------------------------------------------------- descriptor
 
 
-@dataclass
+@record
 class ExtentLine:
     """One extent description line: ``ACCESS SECTORS TYPE ["FILE" [OFFSET]]`` (VDF "Extent Descriptions")."""
 
@@ -144,7 +144,7 @@ class ExtentLine:
         return text
 
 
-@dataclass
+@record
 class Descriptor:
     """The text descriptor: header keys, extent lines and the disk database (VDF "The Descriptor File")."""
 
