@@ -7,6 +7,7 @@ The ``vm`` command's subcommands come from several modules: each exposes
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -59,55 +60,71 @@ def register_vm(vm_commands: Any, only: str | None = None) -> None:
     """Add the management subcommands (or only the subcommand *only*) to ``polyvisor vm``."""
     for name in VM_COMMANDS:
         if only in (None, name):
-            _add_vm_command(vm_commands, name)
+            _ADD_VM_COMMAND.get(name, _add_power_action)(vm_commands, name)
 
 
-def _add_vm_command(vm_commands: Any, name: str) -> None:
-    text = dict(POWER_ACTIONS).get(name)
-    if text is not None:
-        p = vm_commands.add_parser(name, help=text)
-        p.add_argument("name")
-        p.set_defaults(handler=lazy(COMMANDS, "cmd_action"), action=name)
-    elif name == "list":
-        p = vm_commands.add_parser("list", help="every VM: name, state, vCPUs, memory")
+def _add_named(vm_commands: Any, name: str, text: str, *, json_flag: bool = False) -> argparse.ArgumentParser:
+    """A subcommand taking the VM's name, handled by ``cmd_<name>`` (and ``--json`` if asked)."""
+    p: argparse.ArgumentParser = vm_commands.add_parser(name, help=text)
+    p.add_argument("name")
+    if json_flag:
         p.add_argument("--json", action="store_true", help="print JSON")
-        p.set_defaults(handler=lazy(COMMANDS, "cmd_list"))
-    elif name == "info":
-        p = vm_commands.add_parser("info", help="one VM's details")
-        p.add_argument("name")
-        p.add_argument("--json", action="store_true", help="print JSON")
-        p.set_defaults(handler=lazy(COMMANDS, "cmd_info"))
-    elif name == "shutdown":
-        p = vm_commands.add_parser("shutdown", help="ask the guest to power off (ACPI), waiting for it")
-        p.add_argument("name")
-        p.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait (default 60)")
-        p.set_defaults(handler=lazy(COMMANDS, "cmd_shutdown"))
-    elif name == "define":
-        p = vm_commands.add_parser("define", help="create a VM from a VM package or a polyvisor model JSON")
-        p.add_argument("file", type=Path, help="OVF/OVA, .vmx, libvirt domain XML… or a model JSON")
-        p.add_argument("--codec", help="the package's codec (probed if omitted)")
-        p.add_argument("--disk-dir", type=Path, metavar="DIR",
-                       help="where to extract disks packed inside the package (OVA; default: FILE-disks/)")
-        p.set_defaults(handler=lazy(COMMANDS, "cmd_define"))
-    elif name == "snapshot":
-        p = vm_commands.add_parser("snapshot", help="create, list, revert to or delete snapshots")
-        p.add_argument("snapshot_action", choices=("create", "list", "revert", "delete"), metavar="ACTION",
-                       help="create, list, revert or delete")
-        p.add_argument("name")
-        p.add_argument("snapshot", nargs="?", help="the snapshot's name (not for list)")
-        p.add_argument("--description", default="", help="create: a description")
-        p.add_argument("--json", action="store_true", help="list: print JSON")
-        p.set_defaults(handler=lazy(COMMANDS, "cmd_snapshot"))
-    elif name == "stats":
-        p = vm_commands.add_parser("stats", help="a running VM's CPU time, memory, disk and network counters")
-        p.add_argument("name")
-        p.add_argument("--json", action="store_true", help="print JSON")
-        p.set_defaults(handler=lazy(COMMANDS, "cmd_stats"))
-    elif name == "console":
-        p = vm_commands.add_parser("console", help="print the serial console's output so far")
-        p.add_argument("name")
-        p.add_argument("--follow", "-f", action="store_true", help="keep printing new output until the VM stops")
-        p.set_defaults(handler=lazy(COMMANDS, "cmd_console"))
+    p.set_defaults(handler=lazy(COMMANDS, f"cmd_{name}"))
+    return p
+
+
+def _add_power_action(vm_commands: Any, name: str) -> None:
+    p = _add_named(vm_commands, name, dict(POWER_ACTIONS)[name])
+    p.set_defaults(handler=lazy(COMMANDS, "cmd_action"), action=name)
+
+
+def _add_list(vm_commands: Any, name: str) -> None:
+    p = vm_commands.add_parser(name, help="every VM: name, state, vCPUs, memory")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=lazy(COMMANDS, "cmd_list"))
+
+
+def _add_info(vm_commands: Any, name: str) -> None:
+    _add_named(vm_commands, name, "one VM's details", json_flag=True)
+
+
+def _add_stats(vm_commands: Any, name: str) -> None:
+    _add_named(vm_commands, name, "a running VM's CPU time, memory, disk and network counters", json_flag=True)
+
+
+def _add_shutdown(vm_commands: Any, name: str) -> None:
+    p = _add_named(vm_commands, name, "ask the guest to power off (ACPI), waiting for it")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait (default 60)")
+
+
+def _add_console(vm_commands: Any, name: str) -> None:
+    p = _add_named(vm_commands, name, "print the serial console's output so far")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new output until the VM stops")
+
+
+def _add_define(vm_commands: Any, name: str) -> None:
+    p = vm_commands.add_parser(name, help="create a VM from a VM package or a polyvisor model JSON")
+    p.add_argument("file", type=Path, help="OVF/OVA, .vmx, libvirt domain XML… or a model JSON")
+    p.add_argument("--codec", help="the package's codec (probed if omitted)")
+    p.add_argument("--disk-dir", type=Path, metavar="DIR",
+                   help="where to extract disks packed inside the package (OVA; default: FILE-disks/)")
+    p.set_defaults(handler=lazy(COMMANDS, "cmd_define"))
+
+
+def _add_snapshot(vm_commands: Any, name: str) -> None:
+    p = vm_commands.add_parser(name, help="create, list, revert to or delete snapshots")
+    p.add_argument("snapshot_action", choices=("create", "list", "revert", "delete"), metavar="ACTION",
+                   help="create, list, revert or delete")
+    p.add_argument("name")
+    p.add_argument("snapshot", nargs="?", help="the snapshot's name (not for list)")
+    p.add_argument("--description", default="", help="create: a description")
+    p.add_argument("--json", action="store_true", help="list: print JSON")
+    p.set_defaults(handler=lazy(COMMANDS, "cmd_snapshot"))
+
+
+#: How each subcommand other than the power actions is added.
+_ADD_VM_COMMAND = {"list": _add_list, "info": _add_info, "shutdown": _add_shutdown, "define": _add_define,
+                   "snapshot": _add_snapshot, "stats": _add_stats, "console": _add_console}
 
 
 # ------------------------------------------------------------------------------------- helpers
