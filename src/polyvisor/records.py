@@ -103,10 +103,8 @@ def _is_class_var(annotation: object) -> bool:
 
 
 def _make_record(cls: type[T], *, frozen: bool, slots: bool) -> type[T]:
-    inherited: list[Field] = []
-    for base in reversed(cls.__mro__[1:]):
-        inherited.extend(getattr(base, _FIELDS, ()) if _FIELDS in base.__dict__ else ())
-    by_name = {f.name: f for f in inherited}
+    # the nearest record base's fields (it already holds its own bases' fields)
+    by_name = {f.name: f for f in getattr(cls, _FIELDS, ())}
     own: list[str] = []
     # the class's own annotations (inspect.get_annotations would import inspect, which this module avoids)
     for name, annotation in cls.__dict__.get("__annotations__", {}).items():  # noqa: RUF063
@@ -130,26 +128,28 @@ def _make_record(cls: type[T], *, frozen: bool, slots: bool) -> type[T]:
         elif seen_default:
             raise TypeError(f"{cls.__name__}: field {f.name!r} without a default follows one with a default")
 
-    namespace = dict(cls.__dict__)
-    namespace[_FIELDS] = all_fields
-    namespace["__match_args__"] = tuple(f.name for f in all_fields)
-    namespace["__init__"] = _make_init(cls.__qualname__, all_fields, frozen=frozen)
-    namespace.setdefault("__repr__", _record_repr)
+    added: dict[str, Any] = {
+        _FIELDS: all_fields,
+        "__match_args__": tuple(f.name for f in all_fields),
+        "__init__": _make_init(cls.__qualname__, all_fields, frozen=frozen),
+    }
+    if "__repr__" not in cls.__dict__:
+        added["__repr__"] = _record_repr
     if "__eq__" not in cls.__dict__:
-        namespace["__eq__"] = _record_eq
-        namespace["__hash__"] = _record_hash if frozen else None
+        added["__eq__"] = _record_eq
+        added["__hash__"] = _record_hash if frozen else None
     if frozen:
-        namespace["__setattr__"] = _frozen_setattr
-        namespace["__delattr__"] = _frozen_delattr
+        added["__setattr__"] = _frozen_setattr
+        added["__delattr__"] = _frozen_delattr
         if slots:  # copy and pickle would restore the slots with setattr, which a frozen record refuses
-            namespace["__getstate__"] = _values
-            namespace["__setstate__"] = _frozen_setstate
+            added["__getstate__"] = _values
+            added["__setstate__"] = _frozen_setstate
     if not slots:
-        for name, value in namespace.items():
-            if name not in cls.__dict__ or cls.__dict__[name] is not value:
-                setattr(cls, name, value)
+        for name, value in added.items():
+            setattr(cls, name, value)
         return cls
     # __slots__ only takes effect when the class is created: make it anew, as dataclasses does.
+    namespace = {**cls.__dict__, **added}
     base_slots = {s for base in cls.__mro__[1:] for s in getattr(base, "__slots__", ())}
     namespace["__slots__"] = tuple(name for name in own if name not in base_slots)
     for name in own:
