@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from polyvisor.disk.fileio import ImageFile, OutputFiles, WriteBehind
+from polyvisor.disk import fileio
+from polyvisor.disk.fileio import DATA_WRITE_MIN, ImageFile, OutputFiles, WriteBehind
 from polyvisor.errors import OperationFailed
 
 
@@ -143,3 +144,45 @@ def test_truncates_happen_in_order_with_the_writes(tmp_path: Path) -> None:
     assert file.read(0, 8193, "test") == b"a" * 4096 + bytes(4096) + b"z"
     assert file.size == 8193
     file.close()
+
+
+def test_new_outputs_reserve_the_range_of_each_large_write_and_no_more(tmp_path: Path) -> None:
+    """Data writes into a new output reserve their own range first; small writes and gaps stay unallocated."""
+    outputs = OutputFiles()
+    file = outputs.create(tmp_path / "out.raw")
+    assert file.preallocate
+    file.write(0, b"header")
+    file.write(8 << 20, os.urandom(DATA_WRITE_MIN))
+    file.truncate(64 << 20)
+    assert file.preallocate, "fallocate works on the filesystem under the test directory"
+    assert file.allocated_bytes() <= DATA_WRITE_MIN + (64 << 10)
+    outputs.abort()
+
+
+def test_preallocate_now_reserves_blocks_that_read_as_zeros(tmp_path: Path) -> None:
+    file = _new_file(tmp_path / "out")
+    file.preallocate_now(1 << 20, 2 << 20)
+    assert file.size == 3 << 20
+    assert file.allocated_bytes() >= 2 << 20
+    assert file.read(0, 3 << 20, "test") == bytes(3 << 20)
+    file.close()
+
+
+def test_a_filesystem_without_fallocate_gets_plain_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When fallocate fails, the file stops asking and the data is written all the same."""
+    calls: list[tuple[int, int, int, int]] = []
+
+    def failing_fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+        calls.append((fd, mode, offset, length))
+        return -1
+
+    monkeypatch.setattr(fileio, "_libc_fallocate", lambda: failing_fallocate)
+    outputs = OutputFiles()
+    file = outputs.create(tmp_path / "out.raw")
+    data = os.urandom(DATA_WRITE_MIN)
+    file.write(0, data)
+    file.write(DATA_WRITE_MIN, data)
+    assert len(calls) == 1
+    assert not file.preallocate
+    assert file.read(0, 2 * DATA_WRITE_MIN, "test") == data + data
+    outputs.abort()

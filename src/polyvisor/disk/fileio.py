@@ -34,8 +34,10 @@ WRITE_PIECE = 256 << 10
 #: New output files start writing back to disk every this many bytes of large writes, so the fsync that
 #: precedes the final rename finds little left to do (the disk works while polyvisor converts).
 WRITEBACK_BATCH = 64 << 20
-#: Writes at least this large count as data (smaller ones are metadata, left to the final fsync).
-WRITEBACK_MIN_WRITE = 1 << 20
+#: Writes at least this large count as data: new output files reserve their blocks first (see
+#: :meth:`ImageFile.preallocate_now`) and durable ones start their writeback early.  Smaller writes are
+#: metadata, left to the kernel and to the final fsync.
+DATA_WRITE_MIN = 1 << 20
 #: Whether new outputs reach stable storage (fsync) before they are renamed into place.  On by default;
 #: ``create_image(..., durable=False)`` (``convert --no-sync``) lets the kernel write them back later, as
 #: qemu-img does: still never a partial file under the final name if polyvisor is killed, but a power
@@ -74,6 +76,9 @@ class ImageFile:
         self.durable = True
         #: Whether large writes start their writeback early (set for new durable output files).
         self.early_writeback = False
+        #: Whether large writes reserve their blocks before writing (set for new output files; cleared
+        #: when the filesystem cannot).
+        self.preallocate = False
         self._unsynced: list[tuple[int, int]] = []
         self._unsynced_bytes = 0
         #: While set, writes are handed to this thread and everything else waits for them first.
@@ -183,6 +188,8 @@ class ImageFile:
     def write_now(self, offset: int, view: memoryview) -> None:
         """pwrite all of *view* at *offset*, in this thread."""
         done = 0
+        if self.preallocate and len(view) >= DATA_WRITE_MIN:
+            self.preallocate_now(offset, len(view))
         while done < len(view):
             try:
                 n = os.pwrite(self.fd, view[done : done + WRITE_PIECE], offset + done)
@@ -191,11 +198,26 @@ class ImageFile:
             if n <= 0:
                 raise OperationFailed(f"{self.display_path}: short write at offset {offset + done}")
             done += n
-        if self.early_writeback and len(view) >= WRITEBACK_MIN_WRITE:
+        if self.early_writeback and len(view) >= DATA_WRITE_MIN:
             self._unsynced.append((offset, len(view)))
             self._unsynced_bytes += len(view)
             if self._unsynced_bytes >= WRITEBACK_BATCH:
                 self.start_writeback()
+
+    def preallocate_now(self, offset: int, length: int) -> None:
+        """Reserve the blocks of the range a large write is about to fill (``fallocate(2)``, mode 0).
+
+        On ext4 a write into unallocated space goes through delayed allocation.  On the benchmark VM
+        (Linux 6.18), writing 1 GiB into fresh page cache that way took 0.47-1.7 s, varying from run to
+        run; with each 1 MiB range reserved first it took 0.35-0.56 s.  Only the range about to be
+        written is reserved, so the output is exactly as sparse as without.  Where the filesystem
+        cannot (or the call fails for any reason), this file stops trying and the write itself reports
+        any real problem.  glibc's ``posix_fallocate`` is not used: where ``fallocate`` is missing it
+        falls back to writing a byte into every block.
+        """
+        fallocate = _libc_fallocate()
+        if fallocate is None or fallocate(self.fd, 0, offset, length) != 0:
+            self.preallocate = False
 
     def _settle(self) -> None:
         """Wait for this file's handed-off writes, so what follows sees them (and their errors)."""
@@ -274,6 +296,21 @@ class ImageFile:
         if not self.closed:
             self.closed = True
             os.close(self.fd)
+
+
+@functools.cache
+def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
+    """The C library's ``fallocate(fd, mode, offset, length)``, or None where there is none (not Linux)."""
+    try:
+        import ctypes  # only outputs need it
+
+        function = ctypes.CDLL(None).fallocate
+    except (ImportError, OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    function.restype = ctypes.c_int
+    fallocate: Callable[[int, int, int, int], int] = function
+    return fallocate
 
 
 class WriteBehind:
@@ -459,6 +496,7 @@ class OutputFiles:
             raise OperationFailed(f"{final}: cannot create: {exc.strerror}") from exc
         handle = ImageFile(tmp, fd, writable=True, display_path=final)
         handle.durable = handle.early_writeback = self.durable
+        handle.preallocate = True
         self._pending.append((handle, final))
         return handle
 
