@@ -137,7 +137,8 @@ def test_disk_convert_path_imports_neither_dataclasses_nor_inspect() -> None:
     code = ("import sys; import polyvisor.cli, polyvisor.disk.convert, polyvisor.disk.registry; "
             "from polyvisor.disk.registry import get_format\n"
             "for name in ('raw', 'qcow2', 'vmdk', 'vhd', 'vhdx', 'vdi'): get_format(name)\n"
-            "print(sorted(m for m in ('dataclasses', 'inspect', 'json', 'shutil') if m in sys.modules))")
+            "print(sorted(m for m in ('dataclasses', 'inspect', 'json', 'shutil', 'pkgutil', 'polyvisor.disk.check')"
+            " if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=polyvisor_env(),
                           check=True, timeout=60)
     assert proc.stdout.strip() == "[]"

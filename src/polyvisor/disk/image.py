@@ -495,5 +495,11 @@ class DiskImage(abc.ABC):
     def check(self) -> CheckResult:
         """Check this layer's metadata; never raises for corruption, reports it."""
 
+    def _new_check_result(self) -> CheckResult:
+        """An empty report for this layer (``check`` is imported by checks only, not by every conversion)."""
+        from polyvisor.disk.check import CheckResult
+
+        return CheckResult(filename=str(self.path), format=self.format_name)
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path} {self.subformat} {self.virtual_size} bytes>"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import pkgutil
 import re
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,6 +46,8 @@ def _load_formats() -> None:
     global _loaded  # noqa: PLW0603 - one-time import of the plug-in modules
     if _loaded:
         return
+    import pkgutil  # only listing or probing loads every format: conversions naming theirs skip it
+
     import polyvisor.disk.formats as package
 
     for module in pkgutil.iter_modules(package.__path__):

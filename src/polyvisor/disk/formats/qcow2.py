@@ -34,7 +34,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-from polyvisor.disk.check import CheckResult
 from polyvisor.disk.fileio import ImageFile, OutputFiles
 from polyvisor.disk.formats.qcow2_structs import (
     AUTOCLEAR_BITMAPS,
@@ -121,6 +120,7 @@ if TYPE_CHECKING:
 
     from zstandard import ZstdDecompressor
 
+    from polyvisor.disk.check import CheckResult
     from polyvisor.disk.registry import CreateOptions, Opener
 
 #: Bytes of L2 tables kept in memory (32 MiB, like qemu's default: 256 GiB of guest space at 64 KiB clusters).
@@ -1248,7 +1248,7 @@ class Qcow2Image(DiskImage):
 
     def check(self) -> CheckResult:
         """Rebuild every refcount from the metadata and compare (``qemu-img check``'s verdicts)."""
-        result = CheckResult(filename=str(self.path), format=self.format_name)
+        result = self._new_check_result()
         result.total_units = -(-self.virtual_size // self._cluster_size)
         try:
             if self.writable:

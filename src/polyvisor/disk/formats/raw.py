@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
-from polyvisor.disk.check import CheckResult
 from polyvisor.disk.fileio import ImageFile, OutputFiles
 from polyvisor.disk.image import DiskImage, ProbeSample, Run, sparse_file_runs
 from polyvisor.disk.registry import register_format
 
 if TYPE_CHECKING:
+    from polyvisor.disk.check import CheckResult
     from polyvisor.disk.registry import CreateOptions, Opener
 
 
@@ -75,4 +75,4 @@ class RawImage(DiskImage):
 
     def check(self) -> CheckResult:
         """Raw files have no metadata to be inconsistent."""
-        return CheckResult(filename=str(self.path), format=self.format_name)
+        return self._new_check_result()

@@ -32,7 +32,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-from polyvisor.disk.check import CheckResult
 from polyvisor.disk.fileio import ImageFile, OutputFiles
 from polyvisor.disk.formats.vdi_structs import (
     BLOCK_FREE,
@@ -68,6 +67,7 @@ from polyvisor.disk.structs import align_up
 from polyvisor.errors import CorruptImage, UsageError
 
 if TYPE_CHECKING:
+    from polyvisor.disk.check import CheckResult
     from polyvisor.disk.registry import CreateOptions, Opener
 
 #: Block map entries per page of the in-memory cache (256 KiB, 64 GiB of disk at 1 MiB blocks).
@@ -465,7 +465,7 @@ class VdiImage(DiskImage):
         return referenced, seen, unsafe
 
     def _refuse_unsafe_map(self) -> None:
-        probe = CheckResult(filename=str(self.path), format=self.format_name)
+        probe = self._new_check_result()
         if self._scan_map(probe)[2]:
             first = probe.problems[0]
             raise CorruptImage(self.path, f"{first.message}; refusing to open for writing (see polyvisor disk check)",
@@ -475,7 +475,7 @@ class VdiImage(DiskImage):
         """Header sanity, the block map against the allocation count and the file, shared and leaked blocks."""
         self._write_metadata()  # a writable image is checked as it will be on disk
         header = self._header
-        result = CheckResult(filename=str(self.path), format=self.format_name)
+        result = self._new_check_result()
         v1 = self._parsed.version == VERSION_1_1
         if v1 and (header.off_blocks % SECTOR_SIZE or header.off_data % SECTOR_SIZE):
             result.corruption("VDI header", f"block map offset {header.off_blocks} or data offset "

@@ -69,7 +69,6 @@ from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import unquote
 
 import polyvisor
-from polyvisor.disk.check import CheckResult
 from polyvisor.disk.fileio import ImageFile, OutputFiles
 from polyvisor.disk.formats.vhd_structs import (
     BAT_UNUSED,
@@ -131,6 +130,7 @@ from polyvisor.errors import (
 from polyvisor.records import field, record
 
 if TYPE_CHECKING:
+    from polyvisor.disk.check import CheckResult
     from polyvisor.disk.registry import CreateOptions, Opener
 
 GIB = 1 << 30
@@ -992,7 +992,7 @@ class VhdImage(DiskImage):
 
     def check(self) -> CheckResult:
         """Footer and footer copy, header, BAT entries (range, metadata, overlaps), bitmaps, leaks."""
-        result = CheckResult(filename=str(self.path), format=self.format_name)
+        result = self._new_check_result()
         for structure, message, offset in self.open_problems:
             result.corruption(structure, message, offset)
         if self.footer.current_size % SECTOR:

@@ -64,7 +64,6 @@ from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, Any, Self
 
 from polyvisor import __version__, records
-from polyvisor.disk.check import CheckResult
 from polyvisor.disk.fileio import ImageFile, OutputFiles
 from polyvisor.disk.formats import vhdx_structs as vs
 from polyvisor.disk.image import DiskImage, ExtentKind, ProbeSample, Run, sparse_file_runs
@@ -87,6 +86,7 @@ from polyvisor.errors import (
 from polyvisor.records import field, record
 
 if TYPE_CHECKING:
+    from polyvisor.disk.check import CheckResult
     from polyvisor.disk.registry import CreateOptions, Opener
 
 MIB = vs.MIB
@@ -821,7 +821,7 @@ class VhdxImage(DiskImage):
 
     def check(self) -> CheckResult:
         """Headers, region tables, metadata, log and every BAT entry; leaks in dynamic images."""
-        result = CheckResult(filename=str(self.path), format=self.format_name)
+        result = self._new_check_result()
         for problem in self._state.problems:
             result.corruption(problem.structure, problem.message, problem.offset)
         if self._state.log_state.startswith("replayed in memory"):

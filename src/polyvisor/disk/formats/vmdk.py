@@ -46,7 +46,6 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Self
 
-from polyvisor.disk.check import CheckResult
 from polyvisor.disk.fileio import ImageFile, OutputFiles
 from polyvisor.disk.formats.vmdk_structs import (
     ADAPTER_TYPES,
@@ -107,6 +106,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from concurrent.futures import Future, ThreadPoolExecutor
 
+    from polyvisor.disk.check import CheckResult
     from polyvisor.disk.registry import CreateOptions, Opener
 
 #: Grain size polyvisor writes: 128 sectors = 64 KiB (VDF "Grain Size"; qemu and VMware's default).
@@ -1742,7 +1742,7 @@ class VmdkImage(DiskImage):
 
     def check(self) -> CheckResult:
         """Descriptor against extents, then each extent's own metadata."""
-        result = CheckResult(filename=str(self.path), format=self.format_name)
+        result = self._new_check_result()
         if self.writable and self._stream is None:
             self._write_metadata()  # the redundant grain tables on disk catch up with the cached ones
         desc = self.descriptor
