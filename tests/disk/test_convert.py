@@ -13,7 +13,7 @@ import pytest
 
 from polyvisor.disk import CreateOptions, ExtentKind, create_image, open_image, registered_formats
 from polyvisor.disk.compare import compare
-from polyvisor.disk.convert import convert
+from polyvisor.disk.convert import ZERO_GRANULE, convert
 from polyvisor.errors import TruncatedImage, UnsupportedOption, UsageError
 from tests.patterns import apply_writes, reference_raw, scattered_writes
 from tests.peers import QEMU_CHECKS, VARIANTS, Variant, polyvisor_env, qemu_check, qemu_compare
@@ -66,6 +66,29 @@ def test_zero_runs_are_not_written(workdir: Path) -> None:
     with open_image(workdir / "copy.raw") as copy:
         data = [e for e in copy.extents() if e.kind is ExtentKind.DATA]
     assert sum(e.length for e in data) == 1 << 20
+
+
+@pytest.mark.parametrize("target", ["raw", "qcow2"])
+def test_a_granule_is_written_if_any_byte_is_nonzero(target: str, workdir: Path) -> None:
+    """Zero detection looks at every byte of a granule, not only its first, in a chunk that starts mid-granule."""
+    g = ZERO_GRANULE
+    image = bytearray(14 * g)
+    image[3 * g // 2 : 27 * g // 2] = os.urandom(12 * g)  # data from the middle of granule 1 to that of 13
+    image[3 * g // 2] = 1
+    image[2 * g : 3 * g] = bytes(g)  # granule 2: zeros
+    image[3 * g] = 0  # granule 3: zero first byte, data after it
+    image[4 * g : 5 * g] = bytes(g - 1) + b"x"  # granule 4: data in its last byte only
+    image[6 * g : 8 * g] = bytes(2 * g)  # granules 6 and 7: zeros
+    image[9 * g + 1 : 10 * g] = bytes(g - 1)  # granule 9: data in its first byte only
+    source = workdir / "granules-source.raw"
+    with open(source, "wb") as f:
+        f.truncate(len(image))  # granule 0 and the first half of granule 1 stay a hole
+        f.seek(3 * g // 2)
+        f.write(image[3 * g // 2 :])
+    destination = workdir / f"granules.{target}"
+    result = convert(source, destination, target)
+    assert result.data_bytes_written == 19 * g // 2  # the data half of 1; 3, 4, 5; 8 to 13 (13 ends in zeros)
+    qemu_compare(destination, target, source, "raw")
 
 
 def test_sparse_terabyte_source_is_walked_not_read(workdir: Path) -> None:
