@@ -26,10 +26,6 @@ OPTIONS_HELP = (
 )
 
 
-#: The ``disk`` subcommands, in help order.
-DISK_COMMANDS = ("info", "create", "convert", "check", "compare", "map")
-
-
 def register(commands: Any, only: str | None = None) -> None:
     """Add ``disk`` and its subcommands (or only the subcommand *only*, if it is one) to the top-level parser."""
     disk = commands.add_parser("disk", help="read, write, convert, check and compare disk images")
@@ -97,8 +93,11 @@ def _add_map(sub: Any) -> None:
     p.set_defaults(handler=cmd_map)
 
 
+#: What adds each ``disk`` subcommand to the parser, in help order.
 _ADD_SUBCOMMAND = {"info": _add_info, "create": _add_create, "convert": _add_convert, "check": _add_check,
                    "compare": _add_compare, "map": _add_map}
+#: The ``disk`` subcommands, in help order.
+DISK_COMMANDS = tuple(_ADD_SUBCOMMAND)
 
 
 def _common(p: argparse.ArgumentParser, *, json_flag: bool) -> None:
