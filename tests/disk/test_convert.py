@@ -169,6 +169,22 @@ def test_read_errors_in_the_read_ahead_thread_reach_the_caller(workdir: Path) ->
     assert sorted(p.name for p in workdir.iterdir()) == ["broken-flat.vmdk", "broken.vmdk"]
 
 
+def test_a_raw_source_reads_its_holes_as_zeros_and_fails_cleanly_when_it_shrinks(workdir: Path) -> None:
+    """Raw reads go straight to the file: holes come back as zeros, and bytes gone since opening are an error."""
+    path = workdir / "shrinking.raw"
+    data = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        f.truncate(8 << 20)
+        f.seek(4 << 20)
+        f.write(data)
+    with open_image(path, "raw") as image:
+        assert image.read((4 << 20) - 4096, (1 << 20) + 8192) == bytes(4096) + data + bytes(4096)
+        os.truncate(path, 5 << 20)
+        with pytest.raises(TruncatedImage, match=r"shrinking\.raw.*the file ends after 1048576") as caught:
+            image.read(4 << 20, 2 << 20)
+        assert caught.value.offset == 4 << 20
+
+
 def _limit_file_size() -> None:
     """In the child: files may not grow past 2 MiB; a write beyond fails with EFBIG (as on a full disk)."""
     resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
