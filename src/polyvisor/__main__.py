@@ -1,5 +1,5 @@
 """``python -m polyvisor``."""
 
-from polyvisor.cli import main
+from polyvisor.cli import run
 
-raise SystemExit(main())
+run()

@@ -7,11 +7,12 @@ become one line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 from polyvisor import __version__
 from polyvisor.cli import demo, disk, hypervisors, v2v, vm
@@ -106,6 +107,40 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
+    return _run_command(argv)[0]
+
+
+def run() -> NoReturn:
+    """The ``polyvisor`` console command: :func:`main`, then the process ends.
+
+    After a command that says so (``set_defaults(exit_without_teardown=True)``: the ``disk`` commands,
+    whose files are plain descriptors, closed when they return), the interpreter is not torn down:
+    clearing every module and collecting their objects took 12-15 ms after a ``disk convert`` on the
+    benchmark VM, while qemu-img starts and exits in about 10 ms.  Standard output and error are flushed
+    and exit handlers run first; while another thread still runs, the exit is the normal one.
+    """
+    status, args = _run_command(None)
+    if getattr(args, "exit_without_teardown", False):
+        _exit_without_teardown(status)
+    sys.exit(status)
+
+
+def _exit_without_teardown(status: int) -> None:
+    """End the process with *status* once output is flushed and exit handlers ran, if no other thread runs."""
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+    except (BrokenPipeError, ValueError):  # a reader that went away; a stream that was closed
+        status = status or EXIT_ERROR
+    atexit._run_exitfuncs()
+    threading = sys.modules.get("threading")  # not imported: no other thread
+    if threading is None or threading.active_count() == 1:
+        os._exit(status)
+
+
+def _run_command(argv: Sequence[str] | None) -> tuple[int, argparse.Namespace | None]:
+    """Parse *argv* (default ``sys.argv``) and run its command: (exit status, the parsed arguments)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
@@ -113,10 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = args.handler(args)
     except PolyvisorError as exc:
         print(f"polyvisor: {exc}", file=sys.stderr)
-        return getattr(args, "error_status", EXIT_ERROR)
+        return getattr(args, "error_status", EXIT_ERROR), args
     except KeyboardInterrupt:
         print("polyvisor: interrupted", file=sys.stderr)
-        return 130
+        return 130, args
     except BrokenPipeError:
-        return EXIT_ERROR
-    return status
+        return EXIT_ERROR, args
+    return status, args

@@ -29,6 +29,9 @@ OPTIONS_HELP = (
 def register(commands: Any, only: str | None = None) -> None:
     """Add ``disk`` and its subcommands (or only the subcommand *only*, if it is one) to the top-level parser."""
     disk = commands.add_parser("disk", help="read, write, convert, check and compare disk images")
+    # Their files are descriptors that are closed when the command returns: nothing is left for the
+    # interpreter's teardown to flush (see polyvisor.cli.run).
+    disk.set_defaults(exit_without_teardown=True)
     sub = disk.add_subparsers(dest="disk_command", metavar="SUBCOMMAND", required=True)
     for name in DISK_COMMANDS if only not in DISK_COMMANDS else (only,):
         _ADD_SUBCOMMAND[name](sub)
