@@ -79,7 +79,7 @@ def test_a_granule_is_written_if_any_byte_is_nonzero(target: str, workdir: Path)
     image[3 * g] = 0  # granule 3: zero first byte, data after it
     image[4 * g : 5 * g] = bytes(g - 1) + b"x"  # granule 4: data in its last byte only
     image[6 * g : 8 * g] = bytes(2 * g)  # granules 6 and 7: zeros
-    image[9 * g + 1 : 10 * g] = bytes(g - 1)  # granule 9: data in its first byte only
+    image[9 * g : 10 * g] = b"\x5a" + bytes(g - 1)  # granule 9: data in its first byte only
     source = workdir / "granules-source.raw"
     with open(source, "wb") as f:
         f.truncate(len(image))  # granule 0 and the first half of granule 1 stay a hole
