@@ -180,10 +180,6 @@ class ImageFile:
         if not self.writable:
             raise ReadOnlyImage(self.display_path, "file is open read-only", offset=offset)
         view = memoryview(data).cast("B")
-        if self.preallocate and len(view) >= DATA_WRITE_MIN:
-            # Here, not in write_now: with a write-behind thread, that thread is what a conversion waits
-            # for, and the reservation (about 15 ms per GiB) runs in the caller's thread instead.
-            self.preallocate_now(offset, len(view))
         if self.write_behind is not None:
             self.write_behind.submit(self, offset, view)
         else:
@@ -192,6 +188,8 @@ class ImageFile:
     def write_now(self, offset: int, view: memoryview) -> None:
         """pwrite all of *view* at *offset*, in this thread."""
         done = 0
+        if self.preallocate and len(view) >= DATA_WRITE_MIN:
+            self.preallocate_now(offset, len(view))
         while done < len(view):
             try:
                 n = os.pwrite(self.fd, view[done : done + WRITE_PIECE], offset + done)
@@ -208,9 +206,6 @@ class ImageFile:
 
     def preallocate_now(self, offset: int, length: int) -> None:
         """Reserve the blocks of the range a large write is about to fill (``fallocate(2)``, mode 0).
-
-        Reserving never changes what the file reads as, so it may run ahead of writes still queued for
-        the write-behind thread, in any order with them.
 
         On ext4 a write into unallocated space goes through delayed allocation.  On the benchmark VM
         (Linux 6.18), writing 1 GiB into fresh page cache that way took 0.47-1.7 s, varying from run to
