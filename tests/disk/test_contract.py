@@ -9,10 +9,20 @@ and 2 TiB where the format allows them; hostile truncations.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from polyvisor.disk import CreateOptions, create_image, get_format, open_image, probe_format, registered_formats
+from polyvisor.disk import (
+    CreateOptions,
+    ExtentKind,
+    create_image,
+    get_format,
+    open_image,
+    probe_format,
+    registered_formats,
+)
+from polyvisor.disk.fileio import ImageFile
 from polyvisor.errors import PolyvisorError, ReadOnlyImage, UnsupportedFeature, UnsupportedOption
 from tests.patterns import apply_writes, qemu_io_commands, reference_raw, scattered_writes
 from tests.peers import (
@@ -224,3 +234,39 @@ def attempt_read_and_check(image_path: Path, fmt: str) -> PolyvisorError | None:
     except PolyvisorError as exc:
         return exc
     return None
+
+
+#: Variants whose guest bytes are stored verbatim in a file created sparse: unwritten ranges are its holes.
+VERBATIM = {("raw", "raw"), ("vhd", "fixed"), ("vhdx", "fixed"), ("vmdk", "monolithicFlat"),
+            ("vmdk", "twoGbMaxExtentFlat")}
+
+
+@pytest.mark.parametrize("variant", REGISTERED, ids=IDS)
+def test_reads_take_stored_bytes_and_the_map_finds_the_holes(variant: Variant, workdir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading never asks the filesystem where its holes are (they read as zeros); ``extents`` does."""
+    size = 8 << 20
+    data = bytes(range(256)) * 4096
+    image_path = workdir / f"holes.{variant.format}"
+    with create_image(image_path, variant.format, size, options=variant.create_options()) as image:
+        image.write(3 << 20, data)
+    searches: list[str] = []
+
+    def counting(name: str) -> Any:
+        original = getattr(ImageFile, name)
+
+        def counted(self: ImageFile, offset: int) -> Any:
+            searches.append(name)
+            return original(self, offset)
+        return counted
+
+    for name in ("seek_data", "seek_hole"):
+        monkeypatch.setattr(ImageFile, name, counting(name))
+    with open_image(image_path) as image:
+        searches.clear()
+        assert image.read(0, size) == bytes(3 << 20) + data + bytes(4 << 20)
+        assert searches == [], f"reading {variant.id} looked for holes"
+        extents = list(image.extents(0, size))
+    if (variant.format, variant.name) in VERBATIM:
+        assert [(e.offset, e.length) for e in extents if e.kind is ExtentKind.DATA] == [(3 << 20, len(data))]
+        assert searches, "the map of verbatim data comes from the file's holes"

@@ -105,7 +105,8 @@ class Run:
     ``DATA`` runs have either ``file``/``host_offset`` (the bytes are stored
     verbatim and contiguously) or ``decode``, a callable producing the decoded
     bytes of a whole unit (a compressed cluster or grain) that starts at guest
-    offset ``unit_offset``.
+    offset ``unit_offset``. A ``sparse`` run is stored verbatim in a file whose
+    holes read as zeros: reads take it whole, ``extents`` reports its holes as ``ZERO``.
     """
 
     offset: int
@@ -115,15 +116,26 @@ class Run:
     host_offset: int = 0
     decode: Callable[[], bytes | bytearray | memoryview] | None = None
     unit_offset: int = 0
+    sparse: bool = False
 
 
-def sparse_file_runs(file: ImageFile, host: int, length: int, guest: int) -> Iterator[Run]:
-    """Runs for *length* guest bytes stored verbatim at *host* in *file*, the first at guest offset *guest*.
+def file_run(file: ImageFile, host: int, length: int, guest: int) -> Run:
+    """The run of *length* guest bytes stored verbatim at *host* in *file*, starting at guest offset *guest*.
 
-    Holes of a sparse file (SEEK_DATA/SEEK_HOLE) are zeros; bytes past the end of the file are data, so
-    that reading them raises TruncatedImage naming the file.
+    A read of it is one read of the file; bytes past the end of the file are a TruncatedImage naming it.
     """
-    pos, end = host, host + length
+    return Run(guest, length, ExtentKind.DATA, file=file, host_offset=host, sparse=True)
+
+
+def _split_at_holes(run: Run) -> Iterator[Run]:
+    """*run* (a ``sparse`` one) split where its file has holes (SEEK_DATA/SEEK_HOLE); holes are ``ZERO``.
+
+    Bytes past the end of the file stay data, so that reading them raises TruncatedImage.
+    """
+    file = run.file
+    assert file is not None
+    host, guest = run.host_offset, run.offset
+    pos, end = host, host + run.length
     file_end = file.size
     while pos < end:
         if pos >= file_end:
@@ -250,18 +262,19 @@ class DiskImage(abc.ABC):
         """Yield contiguous runs covering exactly ``[offset, offset + length)`` of this layer."""
 
     def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
-        """This layer's allocation, adjacent runs of the same kind merged."""
+        """This layer's allocation, adjacent runs of the same kind merged (holes of verbatim data are ``ZERO``)."""
         if length is None:
             length = self.virtual_size - offset
         self._check_range(offset, length)
         pending: Extent | None = None
         for run in self._checked_runs(offset, length):
-            if pending is not None and pending.kind is run.kind:
-                pending = Extent(pending.offset, pending.length + run.length, run.kind)
-                continue
-            if pending is not None:
-                yield pending
-            pending = Extent(run.offset, run.length, run.kind)
+            for piece in _split_at_holes(run) if run.sparse else (run,):
+                if pending is not None and pending.kind is piece.kind:
+                    pending = Extent(pending.offset, pending.length + piece.length, piece.kind)
+                    continue
+                if pending is not None:
+                    yield pending
+                pending = Extent(piece.offset, piece.length, piece.kind)
         if pending is not None:
             yield pending
 

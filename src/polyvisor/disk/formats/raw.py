@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
 from polyvisor.disk.fileio import ImageFile, OutputFiles
-from polyvisor.disk.image import DiskImage, ProbeSample, Run, sparse_file_runs
+from polyvisor.disk.image import DiskImage, ProbeSample, Run, file_run
 from polyvisor.disk.registry import register_format
 
 if TYPE_CHECKING:
@@ -58,12 +58,7 @@ class RawImage(DiskImage):
         return self.files[0]
 
     def _map(self, offset: int, length: int) -> Iterator[Run]:
-        return sparse_file_runs(self._file, offset, length, offset)
-
-    def readinto(self, offset: int, buf: memoryview) -> None:
-        """Guest bytes are the file's bytes: one read, with no need to find the holes (they read as zeros)."""
-        self._check_range(offset, len(buf))
-        self._file.read_exact_into(offset, buf, "raw data")
+        yield file_run(self._file, offset, length, offset)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write guest bytes in place."""

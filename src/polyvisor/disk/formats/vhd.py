@@ -110,7 +110,7 @@ from polyvisor.disk.formats.vhd_structs import (
     vhd_time_text,
     with_checksum,
 )
-from polyvisor.disk.image import DiskImage, ExtentKind, ProbeSample, Run, is_zero, sparse_file_runs
+from polyvisor.disk.image import DiskImage, ExtentKind, ProbeSample, Run, file_run, is_zero
 from polyvisor.disk.paths import windows_path_to_relative
 from polyvisor.disk.registry import register_format
 from polyvisor.disk.structs import align_up, is_power_of_two
@@ -829,7 +829,7 @@ class VhdImage(DiskImage):
 
     def _map_fixed(self, offset: int, length: int) -> Iterator[Run]:
         """A fixed disk's data is the start of the file; holes of a sparse file read as zeros."""
-        return sparse_file_runs(self._file, offset, length, offset)
+        yield file_run(self._file, offset, length, offset)
 
     def _bitmap(self, index: int) -> bytearray:
         """The sector bitmap of allocated block *index* (cached)."""

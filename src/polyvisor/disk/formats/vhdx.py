@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any, Self
 from polyvisor import __version__, records
 from polyvisor.disk.fileio import ImageFile, OutputFiles
 from polyvisor.disk.formats import vhdx_structs as vs
-from polyvisor.disk.image import DiskImage, ExtentKind, ProbeSample, Run, sparse_file_runs
+from polyvisor.disk.image import DiskImage, ExtentKind, ProbeSample, Run, file_run
 from polyvisor.disk.paths import windows_path_to_relative
 from polyvisor.disk.registry import register_format
 from polyvisor.disk.structs import align_up, is_power_of_two
@@ -569,7 +569,7 @@ class VhdxImage(DiskImage):
             elif isinstance(source, bytes):
                 yield Run(at, end - start, ExtentKind.DATA, decode=_constant(source), unit_offset=at)
             else:
-                yield from sparse_file_runs(self._file, start, end - start, at)
+                yield file_run(self._file, start, end - start, at)
 
     # ------------------------------------------------------------ writing
 

@@ -84,7 +84,7 @@ from polyvisor.disk.formats.vmdk_structs import (
     python_codec,
     with_new_cid,
 )
-from polyvisor.disk.image import DiskImage, ExtentKind, ProbeSample, Run, is_zero, sparse_file_runs
+from polyvisor.disk.image import DiskImage, ExtentKind, ProbeSample, Run, file_run, is_zero
 from polyvisor.disk.paths import windows_path_to_relative
 from polyvisor.disk.registry import register_format
 from polyvisor.disk.structs import align_up
@@ -326,7 +326,7 @@ class _FlatExtent(_Extent):
 
     def map(self, rel: int, length: int) -> Iterator[Run]:
         """Holes of the file (SEEK_DATA/SEEK_HOLE) are zeros; bytes past its end are a truncation."""
-        return sparse_file_runs(self.flat_file, self.file_offset + rel, length, self.start + rel)
+        yield file_run(self.flat_file, self.file_offset + rel, length, self.start + rel)
 
     def write(self, rel: int, data: memoryview | None, length: int) -> None:
         self._require_writable()
