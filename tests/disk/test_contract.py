@@ -238,7 +238,7 @@ def attempt_read_and_check(image_path: Path, fmt: str) -> PolyvisorError | None:
 
 #: Variants whose guest bytes are stored verbatim in a file created sparse: unwritten ranges are its holes.
 VERBATIM = {("raw", "raw"), ("vhd", "fixed"), ("vhdx", "fixed"), ("vmdk", "monolithicFlat"),
-            ("vmdk", "twoGbMaxExtentFlat")}
+            ("vmdk", "twoGbMaxExtentFlat"), ("vdi", "fixed")}
 
 
 @pytest.mark.parametrize("variant", REGISTERED, ids=IDS)

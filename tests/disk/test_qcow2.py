@@ -1101,6 +1101,26 @@ def test_qemu_preallocated_images(preallocation: str, compat: str, workdir: Path
     qemu_compare(path, "qcow2", reference_raw(workdir / "ref.raw", 8 * MIB, writes, base=before), "raw")
 
 
+def test_preallocated_clusters_never_written_map_as_zeros(workdir: Path) -> None:
+    """preallocation=metadata points every L2 entry at a cluster the file leaves as a hole: the map reports
+    those as zeros (as qemu-img map does), so a conversion reads only the written megabyte."""
+    size = 64 * MIB
+    path = workdir / "metadata.qcow2"
+    qemu_create(path, "qcow2", size, "preallocation=metadata")
+    qemu_io(path, "qcow2", "write -P 0x5a 5M 1M")
+    with open_image(path) as image:
+        extents = list(image.extents())
+        assert ExtentKind.UNALLOCATED not in {e.kind for e in extents}
+        assert [(e.offset, e.length) for e in extents if e.kind is ExtentKind.DATA] == [(5 * MIB, MIB)]
+        assert image.read(5 * MIB - 4096, MIB + 8192) == bytes(4096) + b"\x5a" * MIB + bytes(4096)
+    qemu_data = [(e["start"], e["length"]) for e in qemu_map(path) if e["data"] and not e["zero"]]
+    assert qemu_data == [(5 * MIB, MIB)]
+    out = workdir / "out.raw"
+    convert(path, out, "raw")
+    qemu_compare(path, "qcow2", out, "raw")
+    assert out.stat().st_blocks * 512 <= 2 * MIB
+
+
 def test_image_left_dirty_by_a_crash(workdir: Path) -> None:
     """lazy_refcounts and qemu-io aborting: the data is there, the refcounts are not, and check says so."""
     path = workdir / "lazy.qcow2"

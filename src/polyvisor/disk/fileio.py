@@ -83,6 +83,7 @@ class ImageFile:
         self._unsynced_bytes = 0
         #: While set, writes are handed to this thread and everything else waits for them first.
         self.write_behind: WriteBehind | None = None
+        self._data_segment: tuple[int, int] | None = None
 
     @classmethod
     def open(cls, path: Path, *, writable: bool = False) -> ImageFile:
@@ -276,6 +277,22 @@ class ImageFile:
             return os.lseek(self.fd, offset, os.SEEK_HOLE)
         except OSError:
             return self.size
+
+    def data_segment(self, offset: int) -> tuple[int, int] | None:
+        """The stretch ``[start, end)`` of data without holes that holds *offset* or follows it, or None
+        past the last data. A read-only file remembers the last one: most files have few holes, and a
+        map asks about one run after another."""
+        known = self._data_segment
+        if known is not None and known[0] <= offset < known[1]:
+            return known
+        start = self.seek_data(offset)
+        if start is None:
+            return None
+        end = self.seek_hole(start)
+        found = (start, end if end > start else self.size)
+        if not self.writable:
+            self._data_segment = found
+        return found
 
     def flush(self) -> None:
         """Push written data to stable storage (only to the kernel for non-durable outputs)."""

@@ -136,6 +136,10 @@ def _split_at_holes(run: Run) -> Iterator[Run]:
     assert file is not None
     host, guest = run.host_offset, run.offset
     pos, end = host, host + run.length
+    segment = file.data_segment(pos)
+    if segment is not None and segment[0] <= pos and end <= segment[1]:  # no hole in the run
+        yield Run(guest, run.length, ExtentKind.DATA, file=file, host_offset=host)
+        return
     file_end = file.size
     while pos < end:
         if pos >= file_end:

@@ -100,7 +100,7 @@ from polyvisor.disk.formats.qcow2_structs import (
     feature_table_bytes,
     zstd_decompressor,
 )
-from polyvisor.disk.image import DiskImage, ExtentKind, ProbeSample, Run, is_zero
+from polyvisor.disk.image import DiskImage, ExtentKind, ProbeSample, Run, file_run, is_zero
 from polyvisor.disk.registry import register_format
 from polyvisor.disk.structs import align_up, is_power_of_two
 from polyvisor.errors import (
@@ -497,7 +497,7 @@ class Qcow2Image(DiskImage):
                                  f"the file (host offset {host:#x}, file size {file_size})",
                                  structure="qcow2 data cluster", offset=host)
         inside = min(length, file_size - host)
-        yield Run(start, inside, ExtentKind.DATA, file=self._file, host_offset=host)
+        yield file_run(self._file, host, inside, start)  # holes of a preallocated file are zeros
         if inside < length:  # a cluster cut by the end of the file reads as zeros past it, as in qemu
             yield Run(start + inside, length - inside, ExtentKind.ZERO)
 

@@ -61,7 +61,7 @@ from polyvisor.disk.formats.vdi_structs import (
     validate_header,
     version_text,
 )
-from polyvisor.disk.image import DiskImage, ExtentKind, ProbeSample, Run
+from polyvisor.disk.image import DiskImage, ExtentKind, ProbeSample, Run, file_run
 from polyvisor.disk.registry import register_format
 from polyvisor.disk.structs import align_up
 from polyvisor.errors import CorruptImage, UsageError
@@ -313,7 +313,7 @@ class VdiImage(DiskImage):
                     j = _contiguous_end(page, i, stop) if coalesce else i + 1
                     run_end = min(end, (base + j) * block_size)
                     host = self._data_offset(entry) + pos - (base + i) * block_size
-                    yield Run(pos, run_end - pos, ExtentKind.DATA, file=self._file, host_offset=host)
+                    yield file_run(self._file, host, run_end - pos, pos)  # a fixed image's holes are zeros
                 pos = run_end
                 i = j
 
