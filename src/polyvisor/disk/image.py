@@ -134,31 +134,27 @@ def _split_at_holes(run: Run) -> Iterator[Run]:
     """
     file = run.file
     assert file is not None
-    host, guest = run.host_offset, run.offset
-    pos, end = host, host + run.length
-    segment = file.data_segment(pos)
-    if segment is not None and segment[0] <= pos and end <= segment[1]:  # no hole in the run
-        yield Run(guest, run.length, ExtentKind.DATA, file=file, host_offset=host)
-        return
-    file_end = file.size
+    shift = run.offset - run.host_offset  # guest offset minus host offset
+    pos, end = run.host_offset, run.host_offset + run.length
     while pos < end:
-        if pos >= file_end:
-            yield Run(guest + pos - host, end - pos, ExtentKind.DATA, file=file, host_offset=pos)
+        segment = file.data_segment(pos)
+        if segment is None:  # no data from here on: zeros up to the end of the file, then a truncation
+            file_end = min(max(file.size, pos), end)
+            if file_end > pos:
+                yield Run(pos + shift, file_end - pos, ExtentKind.ZERO)
+            if file_end < end:
+                yield Run(file_end + shift, end - file_end, ExtentKind.DATA, file=file, host_offset=file_end)
             return
-        stop = min(end, file_end)
-        data = file.seek_data(pos)
-        if data is None or data >= stop:
-            yield Run(guest + pos - host, stop - pos, ExtentKind.ZERO)
-            pos = stop
-            continue
-        if data > pos:
-            yield Run(guest + pos - host, data - pos, ExtentKind.ZERO)
-            pos = data
-        hole = min(file.seek_hole(pos), stop)
-        if hole <= pos:
-            hole = stop
-        yield Run(guest + pos - host, hole - pos, ExtentKind.DATA, file=file, host_offset=pos)
-        pos = hole
+        start, stop = max(segment[0], pos), min(segment[1], end)
+        if start > pos:
+            yield Run(pos + shift, min(start, end) - pos, ExtentKind.ZERO)
+            if start >= end:
+                return
+        if stop <= start:  # the file cannot say where its holes are, and this lies past its end
+            yield Run(start + shift, end - start, ExtentKind.DATA, file=file, host_offset=start)
+            return
+        yield Run(start + shift, stop - start, ExtentKind.DATA, file=file, host_offset=start)
+        pos = stop
 
 
 @record
